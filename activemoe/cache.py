@@ -1,0 +1,117 @@
+"""cache.py maps ExpertId to slot ids and keeps the slot metadata; it knows nothing about tensors or CUDA.
+
+Invariants: a slot holds at most one expert and an expert sits in at most one slot; a pinned or LOADING
+slot is never evicted; the policy only ranks the slots that may be evicted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from activemoe.cache_meta import SlotMeta, SlotState
+from activemoe.ids import ExpertId
+from activemoe.policies import EvictionPolicy
+
+
+class NoEvictableSlot(RuntimeError):
+    """Every slot is pinned or loading: the caller asked for more experts at once than there are slots."""
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # lookups that found the expert READY
+    misses: int = 0
+    loads: int = 0  # slots assigned to a new expert
+    evictions: int = 0  # loads that displaced a resident expert
+
+    def get_and_reset(self) -> CacheStats:
+        snapshot = CacheStats(**{f.name: getattr(self, f.name) for f in fields(self)})
+        for f in fields(self):
+            setattr(self, f.name, 0)
+        return snapshot
+
+
+class ExpertCache:
+    def __init__(self, num_slots: int, policy: EvictionPolicy):
+        if num_slots < 1:
+            raise ValueError("num_slots must be >= 1")
+        self.meta = [SlotMeta() for _ in range(num_slots)]
+        self.policy = policy
+        self.stats = CacheStats()
+        self._slot_of: dict[ExpertId, int] = {}
+        self._clock = 0
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.meta)
+
+    def slot_of(self, eid: ExpertId) -> int | None:
+        return self._slot_of.get(eid)
+
+    def resident(self) -> dict[ExpertId, int]:
+        return dict(self._slot_of)
+
+    def lookup(self, eid: ExpertId) -> int | None:
+        """The READY slot holding `eid`, counted as a hit or a miss."""
+        slot = self._slot_of.get(eid)
+        if slot is not None and self.meta[slot].state == SlotState.READY:
+            self.stats.hits += 1
+            return slot
+        self.stats.misses += 1
+        return None
+
+    def touch(self, slot: int) -> None:
+        self._clock += 1
+        meta = self.meta[slot]
+        meta.last_use = self._clock
+        meta.use_count += 1
+
+    def pin(self, slot: int) -> None:
+        self.meta[slot].pin_count += 1
+
+    def unpin(self, slot: int) -> None:
+        meta = self.meta[slot]
+        if meta.pin_count <= 0:
+            raise RuntimeError(f"unpin of unpinned slot {slot}")
+        meta.pin_count -= 1
+
+    def allocate(self, eid: ExpertId) -> tuple[int, ExpertId | None]:
+        """Claim a slot for `eid` (state LOADING, pinned once); returns (slot, evicted expert or None)."""
+        if eid in self._slot_of:
+            raise RuntimeError(f"{eid} already has slot {self._slot_of[eid]}")
+        slot = self._victim()
+        meta = self.meta[slot]
+        evicted = meta.expert
+        if evicted is not None:
+            del self._slot_of[evicted]
+            self.stats.evictions += 1
+        self.meta[slot] = SlotMeta(expert=eid, state=SlotState.LOADING, pin_count=1)
+        self._slot_of[eid] = slot
+        self.stats.loads += 1
+        return slot, evicted
+
+    def mark_ready(self, slot: int) -> None:
+        meta = self.meta[slot]
+        if meta.state != SlotState.LOADING:
+            raise RuntimeError(f"slot {slot} is {meta.state.name}, not LOADING")
+        meta.state = SlotState.READY
+
+    def abort(self, slot: int) -> None:
+        """A load failed: the slot goes back to EMPTY so nothing waits on it forever."""
+        meta = self.meta[slot]
+        if meta.expert is not None:
+            self._slot_of.pop(meta.expert, None)
+        self.meta[slot] = SlotMeta()
+
+    def _victim(self) -> int:
+        best, best_priority = None, None
+        for slot, meta in enumerate(self.meta):
+            if meta.state == SlotState.EMPTY:
+                return slot
+            if meta.pin_count > 0 or meta.state != SlotState.READY:
+                continue
+            priority = self.policy.priority(meta)
+            if best_priority is None or priority < best_priority:
+                best, best_priority = slot, priority
+        if best is None:
+            raise NoEvictableSlot(f"all {self.num_slots} slots are pinned or loading")
+        return best

@@ -1,0 +1,54 @@
+"""Frozen configuration, one dataclass per concern; the CLI parses flags into these at the edge.
+
+No torch here: configs are plain values that tests and the simulator can build freely.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from activemoe.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    num_slots: int | None = None  # expert slots on the compute device; None: see slot_fraction
+    expert_memory_bytes: int | None = None  # alternative to num_slots: bytes for the slot slab
+    slot_fraction: float = 0.25  # default when neither is given: this share of all routed experts
+    policy: str = "lru"  # key of policies.POLICIES
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "cpu"  # compute device: "cpu" or "cuda[:N]"
+    dtype: str = "float32"  # compute dtype of the resident weights and the slots (one of DTYPES)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    @staticmethod
+    def tiny(num_slots: int = 4, policy: str = "lru") -> EngineConfig:
+        return EngineConfig(cache=CacheConfig(num_slots=num_slots, policy=policy))
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """None fields fall back to the model's generation config."""
+
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'12GiB', '512MB', '1.5g', '4096' -> bytes. Decimal units for kB/MB/GB, binary for KiB/MiB/GiB."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise UserError(f"cannot parse size {text!r}: use a number with an optional unit, e.g. 512MiB, 12GiB, 2GB")
+    return int(float(match.group(1)) * _UNITS[unit])

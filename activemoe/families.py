@@ -1,0 +1,147 @@
+"""families.py knows where routed experts live: in a transformers model and in its checkpoint files.
+
+It is generic over transformers' ExpertsInterface: any experts class decorated with
+`use_experts_implementation` (it has `_apply_gate` and the has_gate/has_bias/is_transposed flags) is
+served, whatever the family. On disk it understands per-expert keys (`experts.E.w1|w2|w3` and
+`experts.E.gate_proj|up_proj|down_proj`) and expert-major fused tensors (`experts.gate_up_proj`,
+GraniteMoE's `input_linear/output_linear`), which transformers stores in memory as they are on disk.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from activemoe.errors import UserError
+
+# Families proven by the parity tests; other families using the registry's standard layout work too.
+TESTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe",
+                   "granitemoe", "gpt_oss")
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|bias)$")
+_FUSED = re.compile(r"\.(?:experts\.(gate_up_proj|up_proj|down_proj)(_bias)?|(input_linear|output_linear)\.weight)$")
+_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+_GRANITE = {"input_linear": "gate_up_proj", "output_linear": "down_proj"}
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """The per-expert tensors of one experts module, in transformers' in-memory layout."""
+
+    shapes: dict[str, tuple[int, ...]]  # e.g. {"gate_up_proj": (2I, H), "down_proj": (H, I)}
+    num_experts: int
+    is_transposed: bool
+    is_concatenated: bool
+
+
+@dataclass(frozen=True)
+class TensorPart:
+    key: str  # checkpoint key
+    index: int | None  # expert row of an expert-major fused tensor; None for a per-expert key
+
+
+def experts_classes(model_class: type) -> list[type]:
+    """The registry-dispatched experts classes in the module that defines `model_class`."""
+    module = sys.modules[model_class.__module__]
+    return [obj for obj in vars(module).values()
+            if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and hasattr(obj, "_apply_gate")]
+
+
+@contextmanager
+def experts_without_weights(classes: list[type]) -> Iterator[None]:
+    """While active, new experts modules record their per-expert shapes and drop their weights.
+
+    transformers then never materialises the routed experts: their checkpoint keys match no parameter
+    and are skipped unread. A meta placeholder keeps attribute access (weight init) working.
+    """
+    originals = {cls: cls.__init__ for cls in classes}
+
+    def make_init(original):
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            params = dict(self.named_parameters(recurse=False))
+            num_experts = next(iter(params.values())).shape[0]
+            self._activemoe_spec = ExpertsSpec(
+                shapes={n: tuple(p.shape[1:]) for n, p in params.items() if p.shape[0] == num_experts},
+                num_experts=num_experts, is_transposed=self.is_transposed, is_concatenated=self.is_concatenated)
+            for name in self._activemoe_spec.shapes:
+                meta = torch.empty(params[name].shape, dtype=params[name].dtype, device="meta")
+                del self._parameters[name]
+                object.__setattr__(self, name, meta)
+
+        return __init__
+
+    for cls, original in originals.items():
+        cls.__init__ = make_init(original)
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.__init__ = original
+
+
+def offloaded_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Decoder layer index -> experts module, for every experts module built without weights."""
+    found = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "_activemoe_spec"):
+            match = _LAYER.search(name + ".")
+            if match is None:
+                raise UserError(f"experts module {name!r} is not inside a `layers.N` decoder layer; not supported")
+            found[int(match.group(1))] = module
+    return dict(sorted(found.items()))
+
+
+def layer_expert_keys(keys: list[str], layers: list[int]) -> dict[int, dict[str, list[str]]]:
+    """Checkpoint keys of routed experts per decoder layer, split into 'per_expert' and 'fused'."""
+    wanted = set(layers)
+    out: dict[int, dict[str, list[str]]] = {layer: {"per_expert": [], "fused": []} for layer in layers}
+    for key in keys:
+        match = _LAYER.search(key)
+        if match is None or int(match.group(1)) not in wanted:
+            continue
+        kind = "per_expert" if _PER_EXPERT.search(key) else "fused" if _FUSED.search(key) else None
+        if kind:
+            out[int(match.group(1))][kind].append(key)
+    return out
+
+
+def resolve_expert(layer: int, expert: int, spec: ExpertsSpec, keys: dict[str, list[str]]) -> dict[str, list[TensorPart]]:
+    """For each in-memory tensor of one expert, the checkpoint parts to concatenate along dim 0."""
+    per_expert = {}  # (role, "weight"|"bias") -> key, for this expert
+    for key in keys["per_expert"]:
+        m = _PER_EXPERT.search(key)
+        if int(m.group(1)) == expert:
+            per_expert[(_ROLE[m.group(2)], m.group(3))] = key
+    fused = {}
+    for key in keys["fused"]:
+        m = _FUSED.search(key)
+        name = (m.group(1) + (m.group(2) or "")) if m.group(1) else _GRANITE[m.group(3)]
+        fused[name] = key
+
+    sources = {}
+    for name in spec.shapes:
+        if name in fused:
+            sources[name] = [TensorPart(fused[name], expert)]
+            continue
+        kind = "bias" if name.endswith("_bias") else "weight"
+        roles = ("gate", "up") if name.startswith("gate_up_proj") else ("up",) if name.startswith("up_proj") else ("down",)
+        if name.startswith("gate_up_proj") and (spec.is_transposed or not spec.is_concatenated):
+            raise UserError(f"layer {layer}: per-expert checkpoint keys for a transposed or interleaved experts "
+                            "layout are not supported")
+        parts = [per_expert.get((role, kind)) for role in roles]
+        if None in parts:
+            raise UserError(f"checkpoint has no tensor for layer {layer} expert {expert} ({name}); "
+                            "the file may be incomplete or in a quantized format ActiveMoE does not read yet")
+        sources[name] = [TensorPart(key, None) for key in parts]
+    return sources
+
+
+def unsupported_message(model_type: str) -> str:
+    return (f"model type {model_type!r} has no routed experts that ActiveMoE can serve (it needs a MoE family whose "
+            f"experts go through transformers' ExpertsInterface); tested families: {', '.join(TESTED_FAMILIES)}")

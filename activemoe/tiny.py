@@ -1,0 +1,61 @@
+"""Tiny random MoE checkpoints built from transformers configs, for tests, the fallback demo and benches.
+
+Weights are random; routers are scaled up so that routing is decisive rather than a near-tie that
+rounding could flip. Saved with `save_pretrained`, so loading goes through the real checkpoint path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+# Per family: config overrides on top of the shared shape below.
+_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+_FAMILY_OVERRIDES = {
+    "deepseek_v2": dict(num_key_value_heads=4, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None,
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_shared_experts=1),
+    "deepseek_v3": dict(num_key_value_heads=4, first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=24,
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_shared_experts=1),
+    "gpt_oss": dict(head_dim=8, sliding_window=16, layer_types=None),
+}
+
+
+def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: int = 2, hidden: int = 32,
+                expert_width: int = 16, vocab: int = 96):
+    fields = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                  initializer_range=0.1)  # logits of order 1, so a 1e-5 parity bound means something
+    fields.update(_FAMILY_OVERRIDES.get(family, {}))
+    cfg = AutoConfig.for_model(family, **fields)
+    for name in _EXPERT_FIELDS:
+        if hasattr(cfg, name):
+            setattr(cfg, name, num_experts)
+    cfg.num_experts_per_tok = top_k
+    for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, expert_width)
+    if family in ("mixtral", "phimoe", "granitemoe", "gpt_oss"):
+        cfg.intermediate_size = expert_width
+    if family == "gpt_oss":
+        cfg.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+    return cfg
+
+
+def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, router_scale: float = 20.0,
+                          max_shard_size: str | None = None, **shape) -> Path:
+    """Random weights, decisive routers, saved to `out_dir`; returns the directory."""
+    cfg = tiny_config(family, **shape)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    num_experts = next(getattr(cfg, n) for n in _EXPERT_FIELDS if hasattr(cfg, n))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_router = p.ndim == 2 and p.shape == (num_experts, cfg.hidden_size) and "experts" not in name
+            if is_router:
+                p.normal_(0.0, router_scale / cfg.hidden_size**0.5)
+    out_dir = Path(out_dir)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    return out_dir
