@@ -180,14 +180,17 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
         raise UserError(unsupported_message(hf_config.model_type))
     index = CheckpointIndex(model_dir)
 
-    verbosity = transformers.logging.get_verbosity()
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # the skipped expert keys would be reported as "unused"
+    transformers.logging.disable_progress_bar()  # the caller shows its own progress
     try:
         with experts_without_weights(classes):
             model, info = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=dtype, experts_implementation=IMPLEMENTATION, output_loading_info=True)
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
     if info["missing_keys"]:
         raise UserError(f"checkpoint in {model_dir} lacks non-expert weights: {sorted(info['missing_keys'])[:5]}")
     model.to(device)

@@ -1,0 +1,5 @@
+import sys
+
+from activemoe.cli import main
+
+sys.exit(main())

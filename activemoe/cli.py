@@ -1,0 +1,127 @@
+"""The `activemoe` command: parses flags into configs at the edge and prints results.
+
+User errors print one line and exit with code 2 (`--debug` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from activemoe.config import DTYPES, CacheConfig, EngineConfig, SamplingConfig, parse_size
+from activemoe.errors import UserError
+from activemoe.policies import POLICIES
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with routed experts offloaded",
+                       description="Generate from a Hugging Face MoE checkpoint while only a fixed number of routed "
+                                   "experts sit in device slots; the rest stay in host RAM. Exact: the tokens are "
+                                   "those of plain transformers.")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3 (works without a tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (default: the model's generation config)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (turns sampling on)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (turns sampling on)")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
+    slots = p.add_mutually_exclusive_group()
+    slots.add_argument("--cache-experts", type=int, help="expert slots on the device (default: 25%% of all experts)")
+    slots.add_argument("--expert-memory", help="memory for expert slots, e.g. 2GiB; sets the slot count")
+    p.add_argument("--policy", default="lru", choices=sorted(POLICIES), help="eviction policy (default lru)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def _prompt_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def _progress():
+    """A rich progress bar on stderr for the host-store preload; a no-op callback when not a terminal."""
+    from rich.progress import Progress
+
+    if not sys.stderr.isatty():
+        return None, None
+    bar = Progress(transient=True, console=__import__("rich.console").console.Console(stderr=True))
+    task = bar.add_task("reading experts", total=None)
+    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def cmd_generate(args) -> int:
+    from activemoe import engine
+
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    cache = CacheConfig(num_slots=args.cache_experts, policy=args.policy,
+                        expert_memory_bytes=parse_size(args.expert_memory) if args.expert_memory else None)
+    config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache)
+    do_sample = False if args.greedy else (True if args.temperature is not None or args.top_p is not None else None)
+    sampling = SamplingConfig(do_sample=do_sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    bar, on_progress = _progress()
+    if bar:
+        with bar:
+            eng = engine.load(args.model, config, on_progress)
+    else:
+        eng = engine.load(args.model, config, on_progress)
+    ids = _prompt_ids(args.prompt_ids) if args.prompt_ids is not None else eng.encode(args.prompt)
+
+    streamed: list[int] = []
+    printed = [""]
+
+    def on_token(token: int) -> None:  # print the new suffix of the decoded text so far
+        streamed.append(token)
+        text = eng.decode(streamed)
+        if text is None:
+            print(token, end=" ", flush=True)
+            return
+        if text.startswith(printed[0]) and not text.endswith("\ufffd"):
+            print(text[len(printed[0]):], end="", flush=True)
+            printed[0] = text
+
+    out = eng.generate(ids, args.max_new_tokens, sampling, on_token=None if args.json else on_token)
+    stats = {**asdict(out.stats), "num_slots": eng.load_stats.num_slots, "total_experts": eng.load_stats.total_experts,
+             "device": str(eng.device), "measured": "wall clock"}
+    if args.json:
+        print(json.dumps({"token_ids": out.token_ids, "text": eng.decode(out.token_ids), "stats": stats}))
+    else:
+        print()
+        summary = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())
+        print(f"[activemoe] {summary}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="activemoe", description="Run MoE language models with experts offloaded.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    return parser
+
+
+COMMANDS = {"generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"activemoe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("activemoe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

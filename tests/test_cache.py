@@ -1,0 +1,105 @@
+"""Cache bookkeeping over integer slot ids: scripted eviction orders and hypothesis invariants."""
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from activemoe.cache import ExpertCache, NoEvictableSlot
+from activemoe.cache_meta import SlotState
+from activemoe.ids import ExpertId
+from activemoe.policies import LFU, LRU, make_policy
+from activemoe.errors import UserError
+
+
+def access(cache: ExpertCache, eid: ExpertId):
+    """What the runtime does for one routed expert; returns the evicted expert (or None)."""
+    slot = cache.lookup(eid)
+    evicted = None
+    if slot is None:
+        slot, evicted = cache.allocate(eid)
+        cache.mark_ready(slot)
+    else:
+        cache.pin(slot)
+    cache.touch(slot)
+    cache.unpin(slot)
+    return evicted
+
+
+def E(n):
+    return ExpertId(0, n)
+
+
+def test_lru_scripted_eviction_order():
+    cache = ExpertCache(4, LRU())
+    evicted = [access(cache, E(n)) for n in [0, 1, 2, 3, 0, 4, 5, 1, 0, 6]]
+    # 4 evicts the LRU (1: 0 was re-used), 5 evicts 2, 1 evicts 3, 0 is resident, 6 evicts 4
+    assert evicted == [None, None, None, None, None, E(1), E(2), E(3), None, E(4)]
+    assert set(cache.resident()) == {E(0), E(5), E(1), E(6)}
+    assert (cache.stats.hits, cache.stats.loads, cache.stats.evictions) == (2, 8, 4)
+
+
+def test_lfu_scripted_eviction_order():
+    cache = ExpertCache(3, LFU())
+    evicted = [access(cache, E(n)) for n in [0, 0, 0, 1, 1, 2, 3, 4, 1]]
+    # 3 evicts 2 (1 use), 4 evicts 3 (1 use, 2 more recent than nothing), 1 stays (2 uses)
+    assert evicted == [None, None, None, None, None, None, E(2), E(3), None]
+
+
+def test_pinned_and_loading_slots_are_never_evicted():
+    cache = ExpertCache(2, LRU())
+    s0, _ = cache.allocate(E(0))  # LOADING and pinned
+    s1, _ = cache.allocate(E(1))
+    cache.mark_ready(s1)  # READY but still pinned by allocate
+    with pytest.raises(NoEvictableSlot):
+        cache.allocate(E(2))
+    cache.unpin(s1)
+    slot, evicted = cache.allocate(E(2))
+    assert (slot, evicted) == (s1, E(1))
+    assert cache.meta[s0].state == SlotState.LOADING
+
+
+def test_abort_frees_the_slot():
+    cache = ExpertCache(2, LRU())
+    slot, _ = cache.allocate(E(0))
+    cache.abort(slot)
+    assert cache.meta[slot].state == SlotState.EMPTY and cache.slot_of(E(0)) is None
+    assert cache.lookup(E(0)) is None
+
+
+def test_unknown_policy_is_a_user_error():
+    with pytest.raises(UserError, match="known: lru"):
+        make_policy("nope")
+
+
+layers = st.lists(st.lists(st.integers(0, 11), min_size=1, max_size=3, unique=True), min_size=1, max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(num_slots=st.integers(3, 8), steps=layers, policy=st.sampled_from([LRU, LFU]))
+def test_invariants_under_random_layers(num_slots, steps, policy):
+    """Each step is one layer routing up to 3 experts (top-k 3 <= num_slots): the runtime's protocol."""
+    cache = ExpertCache(num_slots, policy())
+    for layer, routed in enumerate(steps):
+        eids = [ExpertId(layer % 4, e) for e in routed]
+        pinned = {}
+        for eid in eids:  # resident experts of this layer are pinned first
+            slot = cache.lookup(eid)
+            if slot is not None:
+                cache.pin(slot)
+                pinned[eid] = slot
+        for eid in eids:
+            if eid not in pinned:
+                slot, evicted = cache.allocate(eid)
+                assert evicted not in pinned, "evicted an expert the current layer needs"
+                cache.mark_ready(slot)
+                pinned[eid] = slot
+        # every routed expert is resident at once, in distinct slots
+        assert len(set(pinned.values())) == len(eids)
+        assert all(cache.slot_of(eid) == slot for eid, slot in pinned.items())
+        for slot in pinned.values():
+            cache.touch(slot)
+            cache.unpin(slot)
+        # the two maps agree and no slot is double-assigned
+        owners = [m.expert for m in cache.meta if m.expert is not None]
+        assert len(owners) == len(set(owners)) == len(cache.resident())
+        assert all(cache.meta[s].expert == e for e, s in cache.resident().items())
+        assert all(m.pin_count == 0 for m in cache.meta)

@@ -1,0 +1,41 @@
+"""Runtime faults: a failing expert read is a clear error and leaves the runtime usable."""
+import pytest
+import torch
+
+import activemoe
+from activemoe.cache_meta import SlotState
+from activemoe.config import EngineConfig, SamplingConfig
+from activemoe.errors import ExpertLoadError
+from activemoe.ids import ExpertId
+
+
+def test_failed_expert_read_is_reported_and_recoverable(checkpoint, monkeypatch):
+    eng = activemoe.load(checkpoint("qwen3_moe"), EngineConfig.tiny(num_slots=3))
+    store = eng.runtime.store
+    real_read = store.read
+    calls = {"n": 0}
+
+    def flaky(eid: ExpertId):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise ExpertLoadError(f"cannot read layer {eid.layer} expert {eid.expert}: injected I/O error")
+        return real_read(eid)
+
+    monkeypatch.setattr(store, "read", flaky)
+    greedy = SamplingConfig(do_sample=False)
+    with pytest.raises(ExpertLoadError, match=r"layer \d+ expert \d+: injected"):
+        eng.generate([5, 6, 7], max_new_tokens=8, sampling=greedy)
+    cache = eng.runtime.cache
+    assert all(m.state != SlotState.LOADING and m.pin_count == 0 for m in cache.meta)
+    again = eng.generate([5, 6, 7], max_new_tokens=8, sampling=greedy)
+    monkeypatch.setattr(store, "read", real_read)
+    clean = activemoe.load(checkpoint("qwen3_moe"), EngineConfig.tiny(num_slots=3))
+    assert again.token_ids == clean.generate([5, 6, 7], max_new_tokens=8, sampling=greedy).token_ids
+
+
+def test_long_decode_with_smallest_cache(checkpoint):
+    eng = activemoe.load(checkpoint("olmoe"), EngineConfig.tiny(num_slots=2))
+    out = eng.generate([5, 6, 7], max_new_tokens=200, sampling=SamplingConfig(do_sample=False))
+    cache = eng.runtime.cache
+    assert len(out.token_ids) >= 1 and all(m.pin_count == 0 for m in cache.meta)
+    assert len(cache.resident()) == 2
