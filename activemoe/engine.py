@@ -31,7 +31,12 @@ _TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "to
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak RSS. VmHWM, not getrusage: Linux carries ru_maxrss across exec from the parent."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,10 @@ class CheckpointIndex:
                 raise UserError(f"corrupt safetensors file {path}: {e}") from None
         return self._handles[path]
 
+    def close(self) -> None:
+        """Drop the memory maps (their touched pages count in RSS); reopened on the next read."""
+        self._handles.clear()
+
     def read(self, part: TensorPart) -> torch.Tensor:
         handle = self._open(self.key_file[part.key])
         if part.index is None:
@@ -112,6 +116,8 @@ class ExpertStore:
         for i, eid in enumerate(eids):
             for name, tensor in self.read_from_checkpoint(eid).items():
                 self.host[name][self._row[eid.layer], eid.expert].copy_(tensor)
+            if eid.expert == self.num_experts - 1:
+                self.index.close()  # bound the mapped checkpoint pages in RSS to about one layer
             if on_progress:
                 on_progress(i + 1, len(eids))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 # Per family: config overrides on top of the shared shape below.
@@ -57,5 +58,11 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, route
                 p.normal_(0.0, router_scale / cfg.hidden_size**0.5)
     out_dir = Path(out_dir)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(out_dir, **kwargs)
+    bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir, **kwargs)
+    finally:
+        if bars:
+            transformers.logging.enable_progress_bar()
     return out_dir
