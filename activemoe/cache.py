@@ -22,6 +22,7 @@ class CacheStats:
     misses: int = 0
     loads: int = 0  # slots assigned to a new expert
     evictions: int = 0  # loads that displaced a resident expert
+    wasted: int = 0  # speculative loads evicted (or aborted) before their first use
 
     def get_and_reset(self) -> CacheStats:
         snapshot = CacheStats(**{f.name: getattr(self, f.name) for f in fields(self)})
@@ -64,6 +65,8 @@ class ExpertCache:
         meta = self.meta[slot]
         meta.last_use = self._clock
         meta.use_count += 1
+        meta.speculative = False
+        self.policy.on_touch(slot, self.meta)
 
     def pin(self, slot: int) -> None:
         self.meta[slot].pin_count += 1
@@ -74,17 +77,25 @@ class ExpertCache:
             raise RuntimeError(f"unpin of unpinned slot {slot}")
         meta.pin_count -= 1
 
-    def allocate(self, eid: ExpertId) -> tuple[int, ExpertId | None]:
-        """Claim a slot for `eid` (state LOADING, pinned once); returns (slot, evicted expert or None)."""
+    def allocate(self, eid: ExpertId, speculative: bool = False,
+                 protected: frozenset[ExpertId] = frozenset()) -> tuple[int, ExpertId | None]:
+        """Claim a slot for `eid` (state LOADING, pinned once); returns (slot, evicted expert or None).
+
+        A speculative allocation never evicts a `protected` expert (needed soon) nor what the policy
+        reserves; it raises NoEvictableSlot rather than force anything out.
+        """
         if eid in self._slot_of:
             raise RuntimeError(f"{eid} already has slot {self._slot_of[eid]}")
-        slot = self._victim()
+        slot = self._victim(speculative, protected)
         meta = self.meta[slot]
         evicted = meta.expert
         if evicted is not None:
             del self._slot_of[evicted]
             self.stats.evictions += 1
-        self.meta[slot] = SlotMeta(expert=eid, state=SlotState.LOADING, pin_count=1)
+            self.stats.wasted += meta.speculative
+        self._clock += 1
+        self.meta[slot] = SlotMeta(expert=eid, state=SlotState.LOADING, pin_count=1, last_use=self._clock,
+                                   speculative=speculative)
         self._slot_of[eid] = slot
         self.stats.loads += 1
         return slot, evicted
@@ -100,16 +111,25 @@ class ExpertCache:
         meta = self.meta[slot]
         if meta.expert is not None:
             self._slot_of.pop(meta.expert, None)
+        self.stats.wasted += meta.speculative
         self.meta[slot] = SlotMeta()
 
-    def _victim(self) -> int:
+    def clear(self) -> None:
+        if any(m.pin_count or m.state == SlotState.LOADING for m in self.meta):
+            raise RuntimeError("cannot clear a cache with pinned or loading slots")
+        self.meta = [SlotMeta() for _ in self.meta]
+        self._slot_of.clear()
+
+    def _victim(self, speculative: bool, protected: frozenset[ExpertId]) -> int:
         best, best_priority = None, None
         for slot, meta in enumerate(self.meta):
             if meta.state == SlotState.EMPTY:
                 return slot
             if meta.pin_count > 0 or meta.state != SlotState.READY:
                 continue
-            priority = self.policy.priority(meta)
+            if speculative and (meta.expert in protected or not self.policy.may_evict(meta, speculative)):
+                continue
+            priority = self.policy.priority(meta, self._clock)
             if best_priority is None or priority < best_priority:
                 best, best_priority = slot, priority
         if best is None:

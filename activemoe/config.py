@@ -21,10 +21,31 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class PrefetchConfig:
+    predictor: str = "none"  # key of predictors.PREDICTORS
+    lookahead: int = 1  # MoE layers ahead that predictions reach
+    issue_window: int = 2  # speculative loads in flight at once; the rest stay queued and cancellable
+    chunk_bytes: int = 1 << 20  # copy granularity: a critical load overtakes speculative work between chunks
+    budget: int | None = None  # predicted experts prefetched per target layer; None: the model's top-k
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    link_gbps: float | None = None  # emulated host-to-device link in GB/s (CPU copies paced to it); None: unpaced
+
+
+EXPERTS_ON = ("device", "host", "auto")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     device: str = "cpu"  # compute device: "cpu" or "cuda[:N]"
     dtype: str = "float32"  # compute dtype of the resident weights and the slots (one of DTYPES)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
+    store: str = "ram"  # slow tier: "ram" (host copies, pinned on CUDA) or "disk" (checkpoint reads, no page cache)
+    experts_on: str = "device"  # where routed experts run: device slots, host copies, or auto (per miss, cost model)
 
     @staticmethod
     def tiny(num_slots: int = 4, policy: str = "lru") -> EngineConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,13 +19,17 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from activemoe.cache import ExpertCache
-from activemoe.config import CacheConfig, EngineConfig, SamplingConfig
+from activemoe.config import EXPERTS_ON, CacheConfig, EngineConfig, SamplingConfig
 from activemoe.errors import UserError
 from activemoe.families import experts_classes, experts_without_weights, offloaded_modules, unsupported_message
+from activemoe.hardware import profile_host_expert
+from activemoe.loader import Loader
 from activemoe.policies import make_policy
+from activemoe.predictors import PREDICTORS, NoPredictor, OraclePredictor
 from activemoe.runtime import IMPLEMENTATION, ExpertRuntime
-from activemoe.slots import SlotSlab
-from activemoe.store import CheckpointIndex, ExpertStore, model_dir_of
+from activemoe.scheduler import PrefetchScheduler
+from activemoe.slots import EmulatedLink, SlotSlab
+from activemoe.store import TIERS, CheckpointIndex, ExpertStore, model_dir_of
 
 log = logging.getLogger(__name__)
 _TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k")
@@ -52,14 +57,20 @@ class LoadStats:
 
 @dataclass(frozen=True)
 class GenerationStats:
-    hit_rate: float
-    loads: int
+    hit_rate: float  # routed activations whose expert was READY when routed
+    loads: int  # slots filled (critical + speculative)
     evictions: int
-    bytes_moved: int
+    bytes_moved: int  # bytes copied into slots
     ttft_s: float
     decode_tok_s: float
     peak_rss_bytes: int
-    stall_s: float  # time the compute path spent loading experts
+    stall_s: float  # time the compute path waited on expert loads
+    overlap: float  # share of transfer time during which the compute path was not stalled
+    critical_loads: int  # loads the compute path had to wait for (misses)
+    speculative_loads: int  # loads started on a prediction
+    wasted_loads: int  # speculative loads evicted before any use
+    host_computed: int  # experts computed from their host copy
+    per_token_s: tuple[float, ...] = ()  # wall time of each decode step
 
 
 @dataclass(frozen=True)
@@ -89,10 +100,26 @@ class _TimingStreamer:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, runtime: ExpertRuntime, load_stats: LoadStats, top_k: int):
+    def __init__(self, model, tokenizer, runtime: ExpertRuntime, load_stats: LoadStats, top_k: int,
+                 config: EngineConfig):
         self.model, self.tokenizer, self.runtime = model, tokenizer, runtime
-        self.load_stats, self.top_k = load_stats, top_k
+        self.load_stats, self.top_k, self.config = load_stats, top_k, config
         self.device = next(model.parameters()).device
+        weakref.finalize(self, runtime.loader.close)  # an engine dropped without close() stops its threads
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the loader and I/O threads; the engine cannot generate afterwards."""
+        self.runtime.loader.close()
+
+    def reset_cache(self) -> None:
+        """Empty all slots, so the next generation starts cold."""
+        self.runtime.loader.reset()
 
     @property
     def vocab_size(self) -> int:
@@ -109,11 +136,24 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 32, sampling: SamplingConfig = SamplingConfig(),
                  on_token: Callable[[int], None] | None = None) -> Generation:
+        """Generate; with the oracle predictor, a first identical pass records the routing to replay."""
         if not prompt_ids:
             raise UserError("the prompt is empty")
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise UserError(f"prompt ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        if self.config.prefetch.predictor == "oracle":
+            if sampling.seed is None and sampling.do_sample is not False:
+                sampling = SamplingConfig(sampling.do_sample, sampling.temperature, sampling.top_p,
+                                          seed=int(torch.randint(2**31, ()).item()))
+            self.runtime.trace = []
+            self._generate(prompt_ids, max_new_tokens, sampling, None)
+            trace, self.runtime.trace = self.runtime.trace, None
+            self.runtime.predictor = OraclePredictor(trace, self.config.prefetch.lookahead)
+            self.reset_cache()
+        return self._generate(prompt_ids, max_new_tokens, sampling, on_token)
+
+    def _generate(self, prompt_ids, max_new_tokens, sampling, on_token) -> Generation:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         kwargs = {k: v for k, v in (("do_sample", sampling.do_sample), ("temperature", sampling.temperature),
@@ -122,16 +162,25 @@ class Engine:
         if gen_config.pad_token_id is None:
             kwargs["pad_token_id"] = gen_config.eos_token_id if gen_config.eos_token_id is not None else 0
         ids = torch.tensor([prompt_ids], device=self.device)
-        self.runtime.stats.get_and_reset()
+        loader = self.runtime.loader
+        self.runtime.begin()
+        for stats in (self.runtime.stats, loader.stats, loader.cache.stats, loader.scheduler.stats):
+            stats.get_and_reset()
         streamer = _TimingStreamer(on_token)
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                   streamer=streamer, **kwargs)
-        rt = self.runtime.stats.get_and_reset()
+        rt, ld = self.runtime.stats.get_and_reset(), loader.stats.get_and_reset()
+        cs, ss = loader.cache.stats.get_and_reset(), loader.scheduler.stats.get_and_reset()
         times = streamer.times
-        decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
-        stats = GenerationStats(hit_rate=rt.hit_rate, loads=rt.loads, evictions=rt.evictions,
-                                bytes_moved=rt.bytes_moved, ttft_s=(times[0] - streamer.start) if times else 0.0,
-                                decode_tok_s=decode, peak_rss_bytes=peak_rss_bytes(), stall_s=rt.load_s)
+        steps = tuple(b - a for a, b in zip(times, times[1:]))
+        stats = GenerationStats(
+            hit_rate=rt.hit_rate, loads=cs.loads, evictions=cs.evictions, bytes_moved=ld.bytes_moved,
+            ttft_s=(times[0] - streamer.start) if times else 0.0,
+            decode_tok_s=len(steps) / sum(steps) if steps and sum(steps) > 0 else 0.0,
+            peak_rss_bytes=peak_rss_bytes(), stall_s=ld.stall_s,
+            overlap=max(0.0, 1.0 - ld.stall_s / ld.busy_s) if ld.busy_s > 0 else 1.0,
+            critical_loads=ss.critical, speculative_loads=cs.loads - ss.critical, wasted_loads=cs.wasted,
+            host_computed=rt.host_computed, per_token_s=steps)
         return Generation(token_ids=out[0, len(prompt_ids):].tolist(), stats=stats)
 
 
@@ -175,6 +224,7 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     device = _device(config.device)
     dtype = getattr(torch, config.dtype)
     policy = make_policy(config.cache.policy)
+    _check_choices(config)
     try:
         hf_config = AutoConfig.from_pretrained(model_dir)
     except (ValueError, OSError) as e:
@@ -205,21 +255,42 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     if not experts:
         raise UserError(f"{model_dir} has no MoE layers with routed experts ({unsupported_message(hf_config.model_type)})")
     store = ExpertStore(index, {layer: m._activemoe_spec for layer, m in experts.items()}, dtype,
-                        pin=device.type == "cuda")
-    store.preload(on_progress)
+                        pin=device.type == "cuda", tier=config.store)
     top_k = _top_k(hf_config)
     total = len(store.experts())
     num_slots = num_slots_for(config.cache, total, store.expert_bytes, top_k)
-    slab = SlotSlab(num_slots, store.spec.shapes, dtype, device)
-    runtime = ExpertRuntime(store, slab, ExpertCache(num_slots, policy))
+    store.preload(on_progress)
+    prefetch = config.prefetch
+    slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, EmulatedLink(config.link.link_gbps),
+                    prefetch.chunk_bytes)
+    loader = Loader(store, slab, ExpertCache(num_slots, policy), PrefetchScheduler(prefetch.issue_window))
+    first = next(iter(experts.values()))
+    miss_cost = profile_host_expert(first, store) if config.experts_on == "auto" else None
+    runtime = ExpertRuntime(store, loader, NoPredictor(), budget=prefetch.budget or None,
+                            experts_on=config.experts_on, miss_cost=miss_cost)
     for layer, module in experts.items():
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
     tokenizer = _tokenizer(model_dir)
-    stats = LoadStats(model_rss_bytes=model_rss, host_store_bytes=store.expert_bytes * total, slab_bytes=slab.nbytes,
-                      num_slots=num_slots, total_experts=total, expert_bytes=store.expert_bytes,
-                      load_s=time.perf_counter() - start)
+    stats = LoadStats(model_rss_bytes=model_rss,
+                      host_store_bytes=store.expert_bytes * total if config.store == "ram" else 0,
+                      slab_bytes=slab.nbytes, num_slots=num_slots, total_experts=total,
+                      expert_bytes=store.expert_bytes, load_s=time.perf_counter() - start)
     log.info("loaded %s: %s", model_dir, asdict(stats))
-    return Engine(model, tokenizer, runtime, stats, top_k)
+    return Engine(model, tokenizer, runtime, stats, top_k, config)
+
+
+def _check_choices(config: EngineConfig) -> None:
+    p = config.prefetch
+    if p.predictor not in PREDICTORS:
+        raise UserError(f"unknown predictor {p.predictor!r}; known: {', '.join(PREDICTORS)}")
+    if p.lookahead < 1 or p.issue_window < 1 or p.chunk_bytes < 1:
+        raise UserError("--lookahead, the issue window and the chunk size must be at least 1")
+    if config.store not in TIERS:
+        raise UserError(f"unknown store {config.store!r}; known: {', '.join(TIERS)}")
+    if config.experts_on not in EXPERTS_ON:
+        raise UserError(f"unknown --experts-on {config.experts_on!r}; known: {', '.join(EXPERTS_ON)}")
+    if config.link.link_gbps is not None and config.link.link_gbps <= 0:
+        raise UserError("--link-gbps must be positive")
 
 
 def _tokenizer(model_dir: Path):

@@ -1,8 +1,9 @@
 """runtime.py: ExpertRuntime serves transformers' experts modules through ExpertsInterface.
 
-For each MoE layer it computes the routed experts from device slots: experts already READY first,
-then each miss loaded (synchronously, the reactive baseline) into a slot the policy frees. It knows
-nothing about how the model was loaded. Legend: T tokens, K routed per token, H hidden, I expert width.
+Per MoE layer: record the routing, ask the predictor about the next layers, hand the routed and
+predicted experts to the loader, run the experts that are READY first, then each miss as it lands,
+or on the host when the miss cost model says that is sooner. It knows nothing about model loading.
+Legend: T tokens, K routed per token, H hidden, I expert width.
 """
 from __future__ import annotations
 
@@ -13,22 +14,34 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from activemoe.cache import ExpertCache
 from activemoe.ids import ExpertId
-from activemoe.slots import SlotSlab
+from activemoe.loader import Loader
+from activemoe.predictors import NoPredictor, Predictor, Routing
 from activemoe.store import ExpertStore
 
 IMPLEMENTATION = "activemoe"
+
+
+@dataclass(frozen=True)
+class MissCostModel:
+    """Measured costs for the wait-or-compute-on-host decision: host time for one expert on `t` tokens
+    is `host_base_s + host_per_token_s * t`, against the link time until the expert is READY."""
+
+    host_base_s: float
+    host_per_token_s: float
+
+    def host_s(self, tokens: int) -> float:
+        return self.host_base_s + self.host_per_token_s * tokens
+
+    def prefer_host(self, tokens: int, remaining_transfer_s: float) -> bool:
+        return self.host_s(tokens) < remaining_transfer_s
 
 
 @dataclass
 class RuntimeStats:
     activations: int = 0  # routed (token, layer, expert) activations
     hits: int = 0  # activations whose expert was READY when routed
-    loads: int = 0
-    evictions: int = 0
-    bytes_moved: int = 0
-    load_s: float = 0.0  # wall time spent loading experts on the compute path (stall)
+    host_computed: int = 0  # experts computed from their host copy instead of a slot
 
     @property
     def hit_rate(self) -> float:
@@ -37,7 +50,7 @@ class RuntimeStats:
     def get_and_reset(self) -> RuntimeStats:
         snapshot = RuntimeStats(**{f.name: getattr(self, f.name) for f in fields(self)})
         for f in fields(self):
-            setattr(self, f.name, type(getattr(self, f.name))())
+            setattr(self, f.name, 0)
         return snapshot
 
 
@@ -57,55 +70,79 @@ def expert_forward(module: torch.nn.Module, w: dict[str, torch.Tensor], x: torch
 
 
 class ExpertRuntime:
-    def __init__(self, store: ExpertStore, slab: SlotSlab, cache: ExpertCache):
-        self.store, self.slab, self.cache = store, slab, cache
+    def __init__(self, store: ExpertStore, loader: Loader, predictor: Predictor | None = None,
+                 budget: int | None = None, experts_on: str = "device", miss_cost: MissCostModel | None = None):
+        self.store, self.loader = store, loader
+        self.predictor = predictor or NoPredictor()
+        self.budget, self.experts_on, self.miss_cost = budget, experts_on, miss_cost
         self.stats = RuntimeStats()
+        self.trace: list[Routing] | None = None  # set to [] to record the routing of the next calls
+        self.event = 0
+
+    def begin(self) -> None:
+        """A new generation: events restart at 0."""
+        self.event = 0
+        self.predictor.begin()
 
     def forward(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        event, self.event = self.event, self.event + 1
         out = torch.zeros_like(hidden)  # [T, H]
         routed = top_k_index.unique().tolist()
-        counts = dict(zip(routed, (top_k_index == top_k_index.new_tensor(routed)[:, None, None]).sum((1, 2)).tolist()))
-        ready, missing = [], []
-        for e in routed:
-            eid = ExpertId(layer, e)
-            slot = self.cache.lookup(eid)
-            self.stats.activations += counts[e]
-            if slot is None:
-                missing.append(eid)
-                continue
-            self.stats.hits += counts[e]
-            self.cache.pin(slot)  # the misses below must not evict what this layer still needs
-            ready.append((eid, slot))
-        for eid, slot in ready:
-            self._compute(module, eid, slot, hidden, top_k_index, top_k_weights, out)
-        for eid in missing:
-            self._compute(module, eid, self._load(eid), hidden, top_k_index, top_k_weights, out)
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=max(routed) + 1).tolist()
+        self.stats.activations += top_k_index.numel()
+        if self.trace is not None:
+            self.trace.append((layer, tuple(routed)))
+        run = lambda eid, w: self._accumulate(module, eid, w, hidden, top_k_index, top_k_weights, out)  # noqa: E731
+        if self.experts_on == "host":
+            for e in routed:
+                run(ExpertId(layer, e), self.store.read(ExpertId(layer, e)))
+                self.stats.host_computed += 1
+            return out
+
+        predicted = [(ExpertId(p.layer, e), event + p.distance, prob)
+                     for p in self.predictor.predict(event, layer, hidden, routed)
+                     for e, prob in list(zip(p.experts, p.probs))[:self.budget]]
+        ready, waiting = self.loader.begin_layer(event, [ExpertId(layer, e) for e in routed], predicted)
+        self.stats.hits += sum(counts[eid.expert] for eid, _ in ready)
+        pending = set(waiting)
+        try:
+            while ready:
+                eid, slot = ready.pop()
+                self._run_slot(run, eid, slot)
+            while pending:
+                if self.experts_on == "auto":
+                    for eid in sorted(pending):
+                        if self.miss_cost.prefer_host(counts[eid.expert], self.loader.remaining_s(eid)):
+                            self.loader.abandon([eid])
+                            pending.discard(eid)
+                            run(eid, self.store.read(eid))
+                            self.stats.host_computed += 1
+                    if not pending:
+                        break
+                eid, slot = self.loader.wait_any(pending)
+                pending.discard(eid)
+                self._run_slot(run, eid, slot)
+        except BaseException:
+            for _, slot in ready:
+                self.loader.release(slot)
+            self.loader.abandon(pending)
+            raise
         return out
 
-    def _load(self, eid: ExpertId) -> int:
-        """Synchronous on-demand load; the slot comes back pinned."""
-        start = time.perf_counter()
-        slot, evicted = self.cache.allocate(eid)
+    def _run_slot(self, run, eid: ExpertId, slot: int) -> None:
         try:
-            self.stats.bytes_moved += self.slab.load(slot, self.store.read(eid))
-        except BaseException:
-            self.cache.abort(slot)
-            raise
-        self.cache.mark_ready(slot)
-        self.stats.loads += 1
-        self.stats.evictions += evicted is not None
-        self.stats.load_s += time.perf_counter() - start
-        return slot
-
-    def _compute(self, module, eid, slot, hidden, top_k_index, top_k_weights, out) -> None:
-        try:
-            self.cache.touch(slot)
-            token, k = torch.where(top_k_index == eid.expert)  # [t], [t]
-            y = expert_forward(module, self.slab.weights(slot), hidden[token])  # [t, H]
-            out.index_add_(0, token, (y * top_k_weights[token, k, None]).to(out.dtype))
+            self.loader.touch(slot)
+            run(eid, self.loader.slab.acquire(slot))
         finally:
-            self.cache.unpin(slot)
+            self.loader.release(slot)
+
+    @staticmethod
+    def _accumulate(module, eid, w, hidden, top_k_index, top_k_weights, out) -> None:
+        token, k = torch.where(top_k_index == eid.expert)  # [t], [t]
+        device = next(iter(w.values())).device
+        y = expert_forward(module, w, hidden[token].to(device)).to(hidden.device)  # [t, H]
+        out.index_add_(0, token, (y * top_k_weights[token, k, None]).to(out.dtype))
 
 
 def _dispatch(module, hidden_states, top_k_index, top_k_weights):

@@ -1,37 +1,110 @@
-"""slots.py owns the device slab: one preallocated buffer per expert tensor name, [num_slots, *shape].
+"""slots.py owns the device slab, one preallocated buffer per expert tensor, [num_slots, *shape], and
+the copies into it. It is the only file that touches CUDA streams and events.
 
-It is the only file that copies into device memory. Copies from pinned host memory are issued on the
-current stream with non_blocking=True: kernels queued after the copy on that stream see the new
-weights, and the host never synchronises. (A dedicated copy stream with per-slot events comes with the
-asynchronous prefetch runtime.)
+CUDA: copies go on one dedicated copy stream. Before a slot is overwritten, the copy stream waits on
+the slot's `free` event (recorded on the compute stream when the slot was last released), so a kernel
+still reading it finishes first. The compute stream waits on the slot's `ready` event, never a host sync.
+CPU: copies run on the caller's (loader) thread, paced to an emulated link speed when one is given.
+Copies are chunked (rows of one tensor at a time) so a critical load can overtake between chunks.
 """
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass
+
 import torch
 
-# S slots, plus the per-expert shape of each tensor
+# S slots; a chunk is a row range of one tensor of one expert
+
+
+@dataclass(frozen=True)
+class Chunk:
+    name: str
+    start: int  # first row (dim 0) of the tensor
+    stop: int
+    nbytes: int
+
+
+class EmulatedLink:
+    """Paces copies to `gbps` GB/s: each chunk finishes no earlier than the link could carry it."""
+
+    def __init__(self, gbps: float | None):
+        self.bytes_per_s = gbps * 1e9 if gbps else None
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+
+    def transfer_s(self, nbytes: int) -> float:
+        return nbytes / self.bytes_per_s if self.bytes_per_s else 0.0
+
+    def pace(self, started: float, nbytes: int) -> None:
+        if self.bytes_per_s is None:
+            return
+        with self._lock:
+            deadline = max(started, self._free_at) + nbytes / self.bytes_per_s
+            self._free_at = deadline
+        delay = deadline - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
 
 
 class SlotSlab:
-    def __init__(self, num_slots: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device):
-        self.num_slots = num_slots
-        self.device = device
+    def __init__(self, num_slots: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device,
+                 link: EmulatedLink | None = None, chunk_bytes: int = 1 << 20):
+        self.num_slots, self.device = num_slots, device
         self.buffers = {name: torch.empty((num_slots, *shape), dtype=dtype, device=device)  # [S, *shape]
                         for name, shape in shapes.items()}
-        self.bytes_copied = 0
+        self.link = link or EmulatedLink(None)
+        self.chunks = self._plan(shapes, dtype, chunk_bytes)
+        self.expert_bytes = sum(c.nbytes for c in self.chunks)
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            self.free = [torch.cuda.Event() for _ in range(num_slots)]
+            self.ready = [torch.cuda.Event() for _ in range(num_slots)]
+
+    @staticmethod
+    def _plan(shapes, dtype, chunk_bytes) -> list[Chunk]:
+        chunks = []
+        for name, shape in shapes.items():
+            row_bytes = max(1, int(torch.Size(shape[1:]).numel()) * dtype.itemsize)
+            rows_per_chunk = max(1, chunk_bytes // row_bytes)
+            for start in range(0, shape[0], rows_per_chunk):
+                stop = min(shape[0], start + rows_per_chunk)
+                chunks.append(Chunk(name, start, stop, (stop - start) * row_bytes))
+        return chunks
 
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
-    def load(self, slot: int, host: dict[str, torch.Tensor]) -> int:
-        """Copy one expert's host tensors into `slot`; returns the bytes moved."""
-        moved = 0
-        for name, buf in self.buffers.items():
-            buf[slot].copy_(host[name], non_blocking=True)
-            moved += host[name].numel() * host[name].element_size()
-        self.bytes_copied += moved
-        return moved
+    def copy_chunk(self, slot: int, host: dict[str, torch.Tensor], index: int) -> None:
+        """Copy chunk `index` of one expert into `slot`; returns when the bytes have landed."""
+        chunk = self.chunks[index]
+        src = host[chunk.name][chunk.start:chunk.stop]
+        dst = self.buffers[chunk.name][slot, chunk.start:chunk.stop]
+        started = time.perf_counter()
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                if index == 0:
+                    self.copy_stream.wait_event(self.free[slot])  # kernels still reading the slot finish first
+                dst.copy_(src, non_blocking=True)
+                if index == len(self.chunks) - 1:
+                    self.ready[slot].record(self.copy_stream)
+                done = torch.cuda.Event()
+                done.record(self.copy_stream)
+            done.synchronize()  # on the loader thread; the compute stream never waits on the host
+        else:
+            dst.copy_(src)
+        self.link.pace(started, chunk.nbytes)
 
-    def weights(self, slot: int) -> dict[str, torch.Tensor]:
+    def acquire(self, slot: int) -> dict[str, torch.Tensor]:
+        """The slot's weights for compute; on CUDA the compute stream waits for the slot's copy."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
         return {name: buf[slot] for name, buf in self.buffers.items()}
+
+    def release(self, slot: int) -> None:
+        """Compute is done with the slot (as far as the host knows); copies into it wait for the kernels."""
+        if self.cuda:
+            self.free[slot].record(torch.cuda.current_stream(self.device))

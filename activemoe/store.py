@@ -1,18 +1,23 @@
 """store.py is the slow tier: it indexes the safetensors files of a checkpoint and serves one
 (layer, expert) at a time as host tensors in transformers' in-memory layout.
 
-It knows nothing about devices beyond pinning host memory, and nothing about caching policy.
+Experts are read by byte range with pread, then dropped from the page cache (posix_fadvise DONTNEED),
+so neither the RAM preload nor the disk tier is flattered by, or pollutes, the page cache.
+Tier "ram" keeps a host copy of every expert (pinned for CUDA); tier "disk" reads on demand on a
+small I/O thread pool. It knows nothing about devices beyond pinning, and nothing about policy.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from activemoe.errors import ExpertLoadError, UserError
 from activemoe.families import ExpertsSpec, TensorPart, layer_expert_keys, resolve_expert
@@ -20,6 +25,17 @@ from activemoe.ids import ExpertId
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+TIERS = ("ram", "disk")
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    path: Path
+    offset: int  # absolute byte offset of the tensor's data in the file
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -36,12 +52,11 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     for path in files:
         if not path.is_file():
             raise UserError(f"checkpoint shard {path} is listed in the index but missing")
-        _check_header(path)
     return files
 
 
-def _check_header(path: Path) -> None:
-    """Fail with the file's name when its header is unreadable or its data is truncated."""
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header; fail with the file's name when it is unreadable or truncated."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -49,59 +64,69 @@ def _check_header(path: Path) -> None:
             if header_len > size - 8:
                 raise ValueError("header length exceeds file size")
             header = json.loads(f.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        tensors, end = {}, 0
+        for key, value in header.items():
+            if key == "__metadata__":
+                continue
+            begin, stop = value["data_offsets"]
+            end = max(end, stop)
+            tensors[key] = TensorInfo(path, 8 + header_len + begin, value["dtype"], tuple(value["shape"]))
         if 8 + header_len + end > size:
             raise ValueError(f"data ends at byte {8 + header_len + end} but the file has {size}")
+        return tensors
     except (ValueError, struct.error, KeyError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"corrupt or truncated safetensors file {path}: {e}") from None
 
 
 class CheckpointIndex:
-    """Key -> file over all shards, with lazily opened (memory-mapped) handles."""
+    """Key -> where its bytes are, over all shards; reads byte ranges without the page cache."""
 
     def __init__(self, model_dir: Path):
         self.files = checkpoint_files(model_dir)
-        self.key_file: dict[str, Path] = {}
-        self._handles = {}
+        self.tensors: dict[str, TensorInfo] = {}
         for path in self.files:
-            handle = self._open(path)
-            for key in handle.keys():
-                self.key_file[key] = path
+            self.tensors.update(read_header(path))
 
-    def _open(self, path: Path):
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise UserError(f"corrupt safetensors file {path}: {e}") from None
-        return self._handles[path]
-
-    def close(self) -> None:
-        """Drop the memory maps (their touched pages count in RSS); reopened on the next read."""
-        self._handles.clear()
+    @property
+    def keys(self) -> list[str]:
+        return list(self.tensors)
 
     def read(self, part: TensorPart) -> torch.Tensor:
-        handle = self._open(self.key_file[part.key])
-        if part.index is None:
-            return handle.get_tensor(part.key)
-        return handle.get_slice(part.key)[part.index]
+        info = self.tensors[part.key]
+        dtype = _DTYPES.get(info.dtype)
+        if dtype is None:
+            raise ValueError(f"{part.key} has dtype {info.dtype}, which ActiveMoE does not read")
+        shape = info.shape if part.index is None else info.shape[1:]
+        nbytes = math.prod(shape) * dtype.itemsize
+        offset = info.offset + (0 if part.index is None else part.index * nbytes)
+        fd = os.open(info.path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, nbytes, offset)
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        if len(data) != nbytes:
+            raise OSError(f"short read of {part.key} from {info.path}")
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
 class ExpertStore:
-    """Host copies of every routed expert, one buffer per tensor name: [num_moe_layers, E, *shape]."""
+    """Every routed expert of the model, served one at a time in the compute dtype."""
 
-    def __init__(self, index: CheckpointIndex, specs: dict[int, ExpertsSpec], dtype: torch.dtype, pin: bool):
-        self.index = index
+    def __init__(self, index: CheckpointIndex, specs: dict[int, ExpertsSpec], dtype: torch.dtype, pin: bool,
+                 tier: str = "ram", io_threads: int = 4):
+        if tier not in TIERS:
+            raise UserError(f"unknown store {tier!r}; known: {', '.join(TIERS)}")
+        self.index, self.tier, self.dtype, self.pin = index, tier, dtype, pin
         self.layers = list(specs)  # decoder layer indices that have routed experts
         self.spec = _common_spec(specs)
-        self.dtype = dtype
-        keys = layer_expert_keys(list(index.key_file), self.layers)
+        keys = layer_expert_keys(index.keys, self.layers)
         self.sources = {ExpertId(layer, e): resolve_expert(layer, e, self.spec, keys[layer])
                         for layer in self.layers for e in range(self.spec.num_experts)}
         self._row = {layer: i for i, layer in enumerate(self.layers)}
-        shape = (len(self.layers), self.spec.num_experts)
-        self.host = {name: torch.empty(shape + s, dtype=dtype, pin_memory=pin) for name, s in self.spec.shapes.items()}
-        self.expert_bytes = sum(t[0, 0].numel() * t.element_size() for t in self.host.values())
+        self.expert_bytes = sum(math.prod(s) for s in self.spec.shapes.values()) * dtype.itemsize
+        self.host: dict[str, torch.Tensor] = {}
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="activemoe-io") if tier == "disk" else None
 
     @property
     def num_experts(self) -> int:
@@ -111,24 +136,30 @@ class ExpertStore:
         return list(self.sources)
 
     def preload(self, on_progress: Callable[[int, int], None] | None = None) -> None:
-        """Read every expert from the checkpoint into the host buffers."""
+        """Tier ram: read every expert into host buffers [num_moe_layers, E, *shape]."""
+        if self.tier != "ram":
+            return
+        shape = (len(self.layers), self.num_experts)
+        self.host = {name: torch.empty(shape + s, dtype=self.dtype, pin_memory=self.pin)
+                     for name, s in self.spec.shapes.items()}
         eids = self.experts()
         for i, eid in enumerate(eids):
             for name, tensor in self.read_from_checkpoint(eid).items():
                 self.host[name][self._row[eid.layer], eid.expert].copy_(tensor)
-            if eid.expert == self.num_experts - 1:
-                self.index.close()  # bound the mapped checkpoint pages in RSS to about one layer
             if on_progress:
                 on_progress(i + 1, len(eids))
 
-    def read_from_checkpoint(self, eid: ExpertId) -> dict[str, torch.Tensor]:
+    def read_from_checkpoint(self, eid: ExpertId, pool: ThreadPoolExecutor | None = None) -> dict[str, torch.Tensor]:
         try:
+            jobs = {name: [pool.submit(self.index.read, p) if pool else p for p in parts]
+                    for name, parts in self.sources[eid].items()}
             out = {}
-            for name, parts in self.sources[eid].items():
-                tensor = torch.cat([self.index.read(p) for p in parts], dim=0) if len(parts) > 1 else self.index.read(parts[0])
+            for name, parts in jobs.items():
+                tensors = [p.result() if pool else self.index.read(p) for p in parts]
+                tensor = torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0]
                 if tuple(tensor.shape) != self.spec.shapes[name]:
                     raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {self.spec.shapes[name]}")
-                out[name] = tensor
+                out[name] = tensor.to(self.dtype)
             return out
         except UserError:
             raise
@@ -136,9 +167,20 @@ class ExpertStore:
             raise ExpertLoadError(f"cannot read layer {eid.layer} expert {eid.expert}: {e}") from e
 
     def read(self, eid: ExpertId) -> dict[str, torch.Tensor]:
-        """The host copy of one expert (views into the host buffers)."""
+        """One expert's host tensors: views into the RAM tier, or a fresh read from disk."""
+        if self.tier == "disk":
+            tensors = self.read_from_checkpoint(eid, self._pool)
+            return {n: t.pin_memory() for n, t in tensors.items()} if self.pin else tensors
         row = self._row[eid.layer]
         return {name: buf[row, eid.expert] for name, buf in self.host.items()}
+
+    @property
+    def io_threads(self) -> list:
+        return list(self._pool._threads) if self._pool else []
+
+    def close(self) -> None:
+        if self._pool:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _common_spec(specs: dict[int, ExpertsSpec]) -> ExpertsSpec:

@@ -23,9 +23,9 @@ _FAMILY_OVERRIDES = {
 
 
 def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: int = 2, hidden: int = 32,
-                expert_width: int = 16, vocab: int = 96):
+                expert_width: int = 16, vocab: int = 96, max_positions: int = 256):
     fields = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=max_positions,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
                   initializer_range=0.1)  # logits of order 1, so a 1e-5 parity bound means something
     fields.update(_FAMILY_OVERRIDES.get(family, {}))

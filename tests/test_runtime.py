@@ -25,7 +25,7 @@ def test_failed_expert_read_is_reported_and_recoverable(checkpoint, monkeypatch)
     greedy = SamplingConfig(do_sample=False)
     with pytest.raises(ExpertLoadError, match=r"layer \d+ expert \d+: injected"):
         eng.generate([5, 6, 7], max_new_tokens=8, sampling=greedy)
-    cache = eng.runtime.cache
+    cache = eng.runtime.loader.cache
     assert all(m.state != SlotState.LOADING and m.pin_count == 0 for m in cache.meta)
     again = eng.generate([5, 6, 7], max_new_tokens=8, sampling=greedy)
     monkeypatch.setattr(store, "read", real_read)
@@ -36,6 +36,6 @@ def test_failed_expert_read_is_reported_and_recoverable(checkpoint, monkeypatch)
 def test_long_decode_with_smallest_cache(checkpoint):
     eng = activemoe.load(checkpoint("olmoe"), EngineConfig.tiny(num_slots=2))
     out = eng.generate([5, 6, 7], max_new_tokens=200, sampling=SamplingConfig(do_sample=False))
-    cache = eng.runtime.cache
+    cache = eng.runtime.loader.cache
     assert len(out.token_ids) >= 1 and all(m.pin_count == 0 for m in cache.meta)
     assert len(cache.resident()) == 2
