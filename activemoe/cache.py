@@ -77,8 +77,8 @@ class ExpertCache:
             raise RuntimeError(f"unpin of unpinned slot {slot}")
         meta.pin_count -= 1
 
-    def allocate(self, eid: ExpertId, speculative: bool = False,
-                 protected: frozenset[ExpertId] = frozenset()) -> tuple[int, ExpertId | None]:
+    def allocate(self, eid: ExpertId, speculative: bool = False, protected: frozenset[ExpertId] = frozenset(),
+                 due: int | None = None) -> tuple[int, ExpertId | None]:
         """Claim a slot for `eid` (state LOADING, pinned once); returns (slot, evicted expert or None).
 
         A speculative allocation never evicts a `protected` expert (needed soon) nor what the policy
@@ -86,7 +86,7 @@ class ExpertCache:
         """
         if eid in self._slot_of:
             raise RuntimeError(f"{eid} already has slot {self._slot_of[eid]}")
-        slot = self._victim(speculative, protected)
+        slot = self._victim(speculative, protected, due)
         meta = self.meta[slot]
         evicted = meta.expert
         if evicted is not None:
@@ -120,14 +120,14 @@ class ExpertCache:
         self.meta = [SlotMeta() for _ in self.meta]
         self._slot_of.clear()
 
-    def _victim(self, speculative: bool, protected: frozenset[ExpertId]) -> int:
+    def _victim(self, speculative: bool, protected: frozenset[ExpertId], due: int | None = None) -> int:
         best, best_priority = None, None
         for slot, meta in enumerate(self.meta):
             if meta.state == SlotState.EMPTY:
                 return slot
             if meta.pin_count > 0 or meta.state != SlotState.READY:
                 continue
-            if speculative and (meta.expert in protected or not self.policy.may_evict(meta, speculative)):
+            if speculative and (meta.expert in protected or not self.policy.may_evict(meta, speculative, due)):
                 continue
             priority = self.policy.priority(meta, self._clock)
             if best_priority is None or priority < best_priority:

@@ -9,9 +9,12 @@ import json
 import sys
 from dataclasses import asdict
 
-from activemoe.config import DTYPES, CacheConfig, EngineConfig, SamplingConfig, parse_size
+from activemoe.config import (DTYPES, EXPERTS_ON, CacheConfig, EngineConfig, LinkConfig, PrefetchConfig,
+                              SamplingConfig, parse_size)
 from activemoe.errors import UserError
 from activemoe.policies import POLICIES
+from activemoe.predictors import PREDICTORS
+from activemoe.store import TIERS
 
 
 def _add_generate(sub) -> None:
@@ -33,7 +36,20 @@ def _add_generate(sub) -> None:
     slots = p.add_mutually_exclusive_group()
     slots.add_argument("--cache-experts", type=int, help="expert slots on the device (default: 25%% of all experts)")
     slots.add_argument("--expert-memory", help="memory for expert slots, e.g. 2GiB; sets the slot count")
-    p.add_argument("--policy", default="lru", choices=sorted(POLICIES), help="eviction policy (default lru)")
+    p.add_argument("--policy", default="lru", choices=sorted(POLICIES),
+                   help="eviction policy: lru, lfu, lfru (decayed frequency), slru (hot/cold segments), belady (future knowledge, with --predictor oracle only); default lru")
+    p.add_argument("--predictor", default="none", choices=PREDICTORS,
+                   help="expert predictor for prefetching: none (reactive) or oracle (replays a first identical "
+                        "run's routing: the upper bound of prediction); default none")
+    p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to prefetch (default 1)")
+    p.add_argument("--link-gbps", type=float,
+                   help="emulate a host-to-device link of this many GB/s (CPU copies are paced to it)")
+    p.add_argument("--store", default="ram", choices=TIERS,
+                   help="slow tier: ram (host copies of all experts) or disk (read on demand from the checkpoint "
+                        "files, bypassing the page cache, for models larger than RAM); default ram")
+    p.add_argument("--experts-on", default="device", choices=EXPERTS_ON,
+                   help="where routed experts run: device (slots), host (host copies, llama.cpp --cpu-moe style), "
+                        "auto (per miss, whichever a measured cost model says finishes sooner); default device")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
@@ -62,7 +78,11 @@ def cmd_generate(args) -> int:
         raise UserError("--max-new-tokens must be at least 1")
     cache = CacheConfig(num_slots=args.cache_experts, policy=args.policy,
                         expert_memory_bytes=parse_size(args.expert_memory) if args.expert_memory else None)
-    config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache)
+    if args.lookahead < 1:
+        raise UserError("--lookahead must be at least 1")
+    config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache, store=args.store,
+                          experts_on=args.experts_on, link=LinkConfig(link_gbps=args.link_gbps),
+                          prefetch=PrefetchConfig(predictor=args.predictor, lookahead=args.lookahead))
     do_sample = False if args.greedy else (True if args.temperature is not None or args.top_p is not None else None)
     sampling = SamplingConfig(do_sample=do_sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     bar, on_progress = _progress()
@@ -87,8 +107,9 @@ def cmd_generate(args) -> int:
             printed[0] = text
 
     out = eng.generate(ids, args.max_new_tokens, sampling, on_token=None if args.json else on_token)
-    stats = {**asdict(out.stats), "num_slots": eng.load_stats.num_slots, "total_experts": eng.load_stats.total_experts,
-             "device": str(eng.device), "measured": "wall clock"}
+    stats = {**{k: v for k, v in asdict(out.stats).items() if k != "per_token_s"}, "num_slots": eng.load_stats.num_slots, "total_experts": eng.load_stats.total_experts,
+             "device": str(eng.device), "link_gbps": args.link_gbps, "measured": "wall clock"}
+    eng.close()
     if args.json:
         print(json.dumps({"token_ids": out.token_ids, "text": eng.decode(out.token_ids), "stats": stats}))
     else:

@@ -24,7 +24,7 @@ from activemoe.errors import UserError
 from activemoe.families import experts_classes, experts_without_weights, offloaded_modules, unsupported_message
 from activemoe.hardware import profile_host_expert
 from activemoe.loader import Loader
-from activemoe.policies import make_policy
+from activemoe.policies import FUTURE_POLICIES, Belady, make_policy
 from activemoe.predictors import PREDICTORS, NoPredictor, OraclePredictor
 from activemoe.runtime import IMPLEMENTATION, ExpertRuntime
 from activemoe.scheduler import PrefetchScheduler
@@ -151,6 +151,8 @@ class Engine:
             trace, self.runtime.trace = self.runtime.trace, None
             self.runtime.predictor = OraclePredictor(trace, self.config.prefetch.lookahead)
             self.reset_cache()
+            if self.config.cache.policy == "belady":
+                self.runtime.loader.cache.policy = Belady(self.runtime.predictor.next_use)
         return self._generate(prompt_ids, max_new_tokens, sampling, on_token)
 
     def _generate(self, prompt_ids, max_new_tokens, sampling, on_token) -> Generation:
@@ -285,6 +287,8 @@ def _check_choices(config: EngineConfig) -> None:
         raise UserError(f"unknown predictor {p.predictor!r}; known: {', '.join(PREDICTORS)}")
     if p.lookahead < 1 or p.issue_window < 1 or p.chunk_bytes < 1:
         raise UserError("--lookahead, the issue window and the chunk size must be at least 1")
+    if config.cache.policy in FUTURE_POLICIES and p.predictor != "oracle":
+        raise UserError(f"--policy {config.cache.policy} needs the future: use it with --predictor oracle")
     if config.store not in TIERS:
         raise UserError(f"unknown store {config.store!r}; known: {', '.join(TIERS)}")
     if config.experts_on not in EXPERTS_ON:

@@ -185,7 +185,7 @@ class Loader:
                 return task
             try:
                 slot, _ = self.cache.allocate(task.eid, speculative=not task.critical,
-                                              protected=self.scheduler.protected_set() - {task.eid})
+                                              protected=self.scheduler.protected_set() - {task.eid}, due=task.due)
             except NoEvictableSlot:
                 if not task.critical:
                     self.scheduler.drop(task)  # never force a speculative load in

@@ -5,7 +5,10 @@ The cache's evict loop never knows which policy runs (SGLang style). A policy se
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from activemoe.cache_meta import Segment, SlotMeta
+from activemoe.ids import ExpertId
 
 
 class EvictionPolicy:
@@ -14,7 +17,8 @@ class EvictionPolicy:
     def priority(self, meta: SlotMeta, now: int) -> tuple:
         raise NotImplementedError
 
-    def may_evict(self, meta: SlotMeta, speculative: bool) -> bool:
+    def may_evict(self, meta: SlotMeta, speculative: bool, due: int | None = None) -> bool:
+        """May `meta` make room for a load (speculative ones are due at MoE-layer event `due`)?"""
         return True
 
     def on_touch(self, slot: int, metas: list[SlotMeta]) -> None:
@@ -63,7 +67,7 @@ class SLRU(EvictionPolicy):
     def priority(self, meta: SlotMeta, now: int) -> tuple:
         return (meta.segment, meta.last_use)
 
-    def may_evict(self, meta: SlotMeta, speculative: bool) -> bool:
+    def may_evict(self, meta: SlotMeta, speculative: bool, due: int | None = None) -> bool:
         return not speculative or meta.segment == Segment.COLD
 
     def on_touch(self, slot: int, metas: list[SlotMeta]) -> None:
@@ -76,10 +80,31 @@ class SLRU(EvictionPolicy):
             min(hot, key=lambda m: m.last_use).segment = Segment.COLD  # demote the LRU hot entry
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "lfru": LFRU, "slru": SLRU}
+class Belady(EvictionPolicy):
+    """Evicts the expert whose next use is farthest in the future; a speculative load evicts only an
+    expert needed later than itself. Needs the future: `future(expert) -> next use event` (the oracle
+    predictor's recorded routing, or the simulator's trace)."""
+
+    name = "belady"
+
+    def __init__(self, future: Callable[[ExpertId], float]):
+        self.future = future
+
+    def priority(self, meta: SlotMeta, now: int) -> tuple:
+        return (-self.future(meta.expert),)
+
+    def may_evict(self, meta: SlotMeta, speculative: bool, due: int | None = None) -> bool:
+        return not speculative or due is None or self.future(meta.expert) > due
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "lfru": LFRU, "slru": SLRU, "belady": Belady}
+FUTURE_POLICIES = ("belady",)  # need the future: only with the oracle predictor (or in simulation)
 
 
 def make_policy(name: str) -> EvictionPolicy:
+    """A policy by name; future-knowing ones start as LRU until the future is known (see Belady)."""
+    if name in FUTURE_POLICIES:
+        return LRU()
     try:
         return POLICIES[name]()
     except KeyError:

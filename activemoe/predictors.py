@@ -6,12 +6,15 @@ lookahead crosses from the last layer of one step into the first layers of the n
 """
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from activemoe.errors import UserError
+from activemoe.ids import ExpertId
 
 Routing = tuple[int, tuple[int, ...]]  # (decoder layer, sorted routed expert ids) of one MoE-layer event
 
@@ -58,11 +61,24 @@ class OraclePredictor:
             raise UserError("--lookahead must be at least 1")
         self.trace, self.lookahead = trace, lookahead
         self.diverged = False
+        self.event = 0
+        self._uses: dict[ExpertId, list[int]] = {}
+        for i, (layer, experts) in enumerate(trace):
+            for e in experts:
+                self._uses.setdefault(ExpertId(layer, e), []).append(i)
 
     def begin(self) -> None:
         self.diverged = False
+        self.event = 0
+
+    def next_use(self, eid: ExpertId) -> float:
+        """The next event (from the current one on) that routes to `eid`; inf if none."""
+        uses = self._uses.get(eid, ())
+        i = bisect.bisect_left(uses, self.event)
+        return uses[i] if i < len(uses) and not self.diverged else math.inf
 
     def predict(self, event, layer, hidden, routed) -> list[Prediction]:
+        self.event = event
         if self.diverged or event >= len(self.trace) or self.trace[event] != (layer, tuple(routed)):
             self.diverged = True
             return []
