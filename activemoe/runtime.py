@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from activemoe.ids import ExpertId
 from activemoe.loader import Loader
@@ -69,6 +69,29 @@ def expert_forward(module: torch.nn.Module, w: dict[str, torch.Tensor], x: torch
     return y
 
 
+class _ExpertsView:
+    """An experts module seen through other weights ([N, ...] per tensor), e.g. one layer of the host
+    store, for transformers' own grouped kernel (whose cost grows with N, so not for a large slab)."""
+
+    def __init__(self, module: torch.nn.Module, weights: dict[str, torch.Tensor], num_experts: int):
+        self._module = module
+        self.__dict__.update(weights)
+        self.num_experts = num_experts
+        self._is_expert_parallel = False
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def grouped_forward(module, weights: dict[str, torch.Tensor], num: int, hidden: torch.Tensor,
+                    index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """All (token, k) pairs in one grouped call over `weights` ([num, ...] per tensor)."""
+    device = next(iter(weights.values())).device
+    out = grouped_mm_experts_forward(_ExpertsView(module, weights, num), hidden.to(device), index.to(device),
+                                     top_k_weights.to(device))  # [T, H]
+    return out.to(hidden.device)
+
+
 class ExpertRuntime:
     def __init__(self, store: ExpertStore, loader: Loader, predictor: Predictor | None = None,
                  budget: int | None = None, experts_on: str = "device", miss_cost: MissCostModel | None = None):
@@ -95,9 +118,12 @@ class ExpertRuntime:
             self.trace.append((layer, tuple(routed)))
         run = lambda eid, w: self._accumulate(module, eid, w, hidden, top_k_index, top_k_weights, out)  # noqa: E731
         if self.experts_on == "host":
+            self.stats.host_computed += len(routed)
+            if self.store.host:  # RAM tier: one grouped call over the layer's host copies
+                weights = self.store.layer_weights(layer)
+                return grouped_forward(module, weights, self.store.num_experts, hidden, top_k_index, top_k_weights)
             for e in routed:
                 run(ExpertId(layer, e), self.store.read(ExpertId(layer, e)))
-                self.stats.host_computed += 1
             return out
 
         predicted = [(ExpertId(p.layer, e), event + p.distance, prob)
@@ -107,7 +133,7 @@ class ExpertRuntime:
         self.stats.hits += sum(counts[eid.expert] for eid, _ in ready)
         pending = set(waiting)
         try:
-            while ready:
+            while ready:  # a loop of small per-expert calls beats one grouped call over a large slab
                 eid, slot = ready.pop()
                 self._run_slot(run, eid, slot)
             while pending:

@@ -178,6 +178,10 @@ class ExpertStore:
     def io_threads(self) -> list:
         return list(self._pool._threads) if self._pool else []
 
+    def layer_weights(self, layer: int) -> dict[str, torch.Tensor]:
+        """Tier ram: the host copies of all experts of one layer, [E, *shape] per tensor."""
+        return {name: buf[self._row[layer]] for name, buf in self.host.items()}
+
     def close(self) -> None:
         if self._pool:
             self._pool.shutdown(wait=True, cancel_futures=True)

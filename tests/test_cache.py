@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 from activemoe.cache import ExpertCache, NoEvictableSlot
 from activemoe.cache_meta import SlotState
 from activemoe.ids import ExpertId
-from activemoe.policies import LFU, LRU, make_policy
+from activemoe.cache_meta import Segment
+from activemoe.policies import LFRU, LFU, LRU, SLRU, Belady, make_policy
 from activemoe.errors import UserError
 
 
@@ -103,3 +104,58 @@ def test_invariants_under_random_layers(num_slots, steps, policy):
         assert len(owners) == len(set(owners)) == len(cache.resident())
         assert all(cache.meta[s].expert == e for e, s in cache.resident().items())
         assert all(m.pin_count == 0 for m in cache.meta)
+
+
+def test_belady_scripted_eviction_order():
+    seq = [0, 1, 2, 0, 3, 0, 1, 2]
+    state = {"now": 0}
+
+    def future(eid):
+        later = [i for i in range(state["now"], len(seq)) if seq[i] == eid.expert]
+        return later[0] if later else float("inf")
+
+    cache = ExpertCache(3, Belady(future))
+    evicted = []
+    for i, n in enumerate(seq):
+        state["now"] = i
+        evicted.append(access(cache, E(n)))
+    # at 3 (event 4): residents 0,1,2 next used at 5,6,7 -> evict 2; at 2 (event 7): evict 0 or 3 (never used)
+    assert evicted[4] == E(2)
+    assert cache.stats.loads == 5  # LRU would need 6 on this sequence
+
+
+def _misses(policy, seq, num_slots):
+    cache = ExpertCache(num_slots, policy)
+    for n in seq:
+        access(cache, E(n))
+    return cache.stats.loads
+
+
+@settings(max_examples=200, deadline=None)
+@given(seq=st.lists(st.integers(0, 9), min_size=1, max_size=120), num_slots=st.integers(1, 6))
+def test_belady_never_misses_more_than_other_policies(seq, num_slots):
+    state = {"now": 0}
+
+    def future(eid):
+        return next((i for i in range(state["now"], len(seq)) if seq[i] == eid.expert), float("inf"))
+
+    cache = ExpertCache(num_slots, Belady(future))
+    for i, n in enumerate(seq):
+        state["now"] = i
+        access(cache, E(n))
+    for other in (LRU(), LFU(), SLRU(), LFRU()):
+        assert cache.stats.loads <= _misses(other, seq, num_slots)
+
+
+def test_slru_promotes_reused_experts_and_speculation_evicts_only_cold():
+    cache = ExpertCache(4, SLRU(hot_fraction=0.5))
+    for n in [0, 0, 1, 1, 2, 3]:  # 0 and 1 used twice: hot
+        access(cache, E(n))
+    segments = {m.expert.expert: m.segment for m in cache.meta}
+    assert segments[0] == Segment.HOT and segments[1] == Segment.HOT and segments[2] == Segment.COLD
+    slot, evicted = cache.allocate(E(7), speculative=True)
+    assert evicted in (E(2), E(3))
+    cache.mark_ready(slot)
+    cache.unpin(slot)
+    slot, evicted = cache.allocate(E(8), speculative=True)  # the other cold one (E(7) is cold and newest)
+    assert evicted in (E(2), E(3))

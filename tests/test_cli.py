@@ -128,3 +128,22 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "activemoe", "generate", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--cache-experts" in result.stdout and "--expert-memory" in result.stdout
+
+
+def test_belady_needs_the_oracle(capsys, checkpoint):
+    assert_user_error(capsys, gen(checkpoint("qwen3_moe"), "--policy", "belady"), "--predictor oracle")
+
+
+def test_link_speed_must_be_positive(capsys, checkpoint):
+    assert_user_error(capsys, gen(checkpoint("qwen3_moe"), "--link-gbps", "0"), "--link-gbps must be positive")
+
+
+def test_generate_with_prefetch_flags_reports_runtime_stats(capsys, checkpoint):
+    argv = gen(checkpoint("olmoe"), "--json", "--predictor", "oracle", "--lookahead", "2", "--policy", "slru",
+               "--link-gbps", "0.5", "--store", "disk", "--cache-experts", "6")
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0, err
+    stats = json.loads(out)["stats"]
+    for key in ("stall_s", "overlap", "critical_loads", "speculative_loads", "wasted_loads", "host_computed"):
+        assert key in stats
+    assert stats["speculative_loads"] > 0 and stats["link_gbps"] == 0.5
