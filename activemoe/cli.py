@@ -39,8 +39,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--policy", default="lru", choices=sorted(POLICIES),
                    help="eviction policy: lru, lfu, lfru (decayed frequency), slru (hot/cold segments), belady (future knowledge, with --predictor oracle only); default lru")
     p.add_argument("--predictor", default="none", choices=PREDICTORS,
-                   help="expert predictor for prefetching: none (reactive) or oracle (replays a first identical "
-                        "run's routing: the upper bound of prediction); default none")
+                   help="expert predictor for prefetching: none (reactive), pregate (the next layers' routers on "
+                        "this layer's hidden state), history (transition statistics learned online), oracle "
+                        "(replays a first identical run's routing: the upper bound); default none")
     p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to prefetch (default 1)")
     p.add_argument("--link-gbps", type=float,
                    help="emulate a host-to-device link of this many GB/s (CPU copies are paced to it)")

@@ -11,7 +11,7 @@ import resource
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,13 +19,14 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from activemoe.cache import ExpertCache
-from activemoe.config import EXPERTS_ON, CacheConfig, EngineConfig, SamplingConfig
+from activemoe.config import EXPERTS_ON, CacheConfig, EngineConfig, PrefetchConfig, SamplingConfig
 from activemoe.errors import UserError
-from activemoe.families import experts_classes, experts_without_weights, offloaded_modules, unsupported_message
+from activemoe.families import (experts_classes, experts_without_weights, offloaded_modules, router_parts,
+                                unsupported_message)
 from activemoe.hardware import profile_host_expert
 from activemoe.loader import Loader
 from activemoe.policies import FUTURE_POLICIES, Belady, make_policy
-from activemoe.predictors import PREDICTORS, NoPredictor, OraclePredictor
+from activemoe.predictors import PREDICTORS, HistoryPredictor, NoPredictor, OraclePredictor, PregatePredictor
 from activemoe.runtime import IMPLEMENTATION, ExpertRuntime
 from activemoe.scheduler import PrefetchScheduler
 from activemoe.slots import EmulatedLink, SlotSlab
@@ -70,6 +71,7 @@ class GenerationStats:
     speculative_loads: int  # loads started on a prediction
     wasted_loads: int  # speculative loads evicted before any use
     host_computed: int  # experts computed from their host copy
+    recall: dict[str, float] = field(default_factory=dict)  # lookahead k -> live recall@k over decode steps
     per_token_s: tuple[float, ...] = ()  # wall time of each decode step
 
 
@@ -168,6 +170,7 @@ class Engine:
         self.runtime.begin()
         for stats in (self.runtime.stats, loader.stats, loader.cache.stats, loader.scheduler.stats):
             stats.get_and_reset()
+        self.runtime.recall_and_reset()
         streamer = _TimingStreamer(on_token)
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                   streamer=streamer, **kwargs)
@@ -182,7 +185,7 @@ class Engine:
             peak_rss_bytes=peak_rss_bytes(), stall_s=ld.stall_s,
             overlap=max(0.0, 1.0 - ld.stall_s / ld.busy_s) if ld.busy_s > 0 else 1.0,
             critical_loads=ss.critical, speculative_loads=cs.loads - ss.critical, wasted_loads=cs.wasted,
-            host_computed=rt.host_computed, per_token_s=steps)
+            host_computed=rt.host_computed, recall=self.runtime.recall_and_reset(), per_token_s=steps)
         return Generation(token_ids=out[0, len(prompt_ids):].tolist(), stats=stats)
 
 
@@ -268,7 +271,8 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     loader = Loader(store, slab, ExpertCache(num_slots, policy), PrefetchScheduler(prefetch.issue_window))
     first = next(iter(experts.values()))
     miss_cost = profile_host_expert(first, store) if config.experts_on == "auto" else None
-    runtime = ExpertRuntime(store, loader, NoPredictor(), budget=prefetch.budget or None,
+    runtime = ExpertRuntime(store, loader, _predictor(prefetch, model, experts, store.num_experts),
+                            budget=prefetch.budget or None,
                             experts_on=config.experts_on, miss_cost=miss_cost)
     for layer, module in experts.items():
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
@@ -279,6 +283,15 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
                       expert_bytes=store.expert_bytes, load_s=time.perf_counter() - start)
     log.info("loaded %s: %s", model_dir, asdict(stats))
     return Engine(model, tokenizer, runtime, stats, top_k, config)
+
+
+def _predictor(prefetch: PrefetchConfig, model, experts: dict, num_experts: int):
+    """The live predictor; the oracle is built per generation, from a recording pass."""
+    if prefetch.predictor == "pregate":
+        return PregatePredictor(router_parts(model, experts), prefetch.lookahead)
+    if prefetch.predictor == "history":
+        return HistoryPredictor(list(experts), num_experts, prefetch.lookahead)
+    return NoPredictor()
 
 
 def _check_choices(config: EngineConfig) -> None:

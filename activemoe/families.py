@@ -145,3 +145,36 @@ def resolve_expert(layer: int, expert: int, spec: ExpertsSpec, keys: dict[str, l
 def unsupported_message(model_type: str) -> str:
     return (f"model type {model_type!r} has no routed experts that ActiveMoE can serve (it needs a MoE family whose "
             f"experts go through transformers' ExpertsInterface); tested families: {', '.join(TESTED_FAMILIES)}")
+
+
+@dataclass(frozen=True)
+class RouterParts:
+    """What a pre-gate needs of one MoE layer: its router and the norm in front of it."""
+
+    norm_weight: torch.Tensor | None  # [H] gain of the RMSNorm feeding the MoE block, if any
+    weight: torch.Tensor  # [E, H] router
+    bias: torch.Tensor | None  # [E] router bias or score correction, if any
+
+
+def router_parts(model: torch.nn.Module, experts: dict[int, torch.nn.Module]) -> dict[int, RouterParts]:
+    """Per MoE layer, the router (a child of the MoE block with an [E, H] weight) and the decoder
+    layer's post-attention norm gain; generic over the families that follow transformers' layout."""
+    names = {module: name for name, module in model.named_modules()}
+    modules = dict(model.named_modules())
+    parts = {}
+    for layer, module in experts.items():
+        block_name = names[module].rsplit(".", 1)[0]
+        block, decoder = modules[block_name], modules[block_name.rsplit(".", 1)[0]]
+        num_experts, hidden = module._activemoe_spec.num_experts, model.config.hidden_size
+        router = next((m for n, m in block.named_children() if m is not module and getattr(m, "weight", None) is not None
+                       and tuple(m.weight.shape) == (num_experts, hidden)), None)
+        if router is None:
+            raise UserError(f"layer {layer}: no router with an [{num_experts}, {hidden}] weight found for pre-gating")
+        norm = getattr(decoder, "post_attention_layernorm", None)
+        norm_weight = getattr(norm, "weight", None)
+        bias = getattr(router, "bias", None)
+        if bias is None:
+            bias = getattr(router, "e_score_correction_bias", None)
+        parts[layer] = RouterParts(norm_weight.detach() if norm_weight is not None and norm_weight.ndim == 1 else None,
+                                   router.weight.detach(), bias.detach() if bias is not None else None)
+    return parts

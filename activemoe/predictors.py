@@ -1,8 +1,9 @@
-"""Predictors behind one small protocol: given the MoE layer that is routing now, name the experts of
-the next `lookahead` MoE-layer events, with a probability each. They know nothing about memory.
+"""Predictors behind one small protocol: given the MoE layer that is routing now, name experts of the
+next `lookahead` MoE-layer events with a score each. They know nothing about memory.
 
-Events count MoE-layer forward calls within one generation (layer order, then token steps), so a
-lookahead crosses from the last layer of one step into the first layers of the next.
+Events count MoE-layer forward calls within one generation (layer order, then token steps).
+Predictors other than the oracle look ahead within the current token's step only.
+Legend: T tokens, K routed per token, H hidden, E experts.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Protocol
 import torch
 
 from activemoe.errors import UserError
+from activemoe.families import RouterParts
 from activemoe.ids import ExpertId
 
 Routing = tuple[int, tuple[int, ...]]  # (decoder layer, sorted routed expert ids) of one MoE-layer event
@@ -33,7 +35,13 @@ class Predictor(Protocol):
     def begin(self) -> None:
         """A new generation starts (event 0)."""
 
-    def predict(self, event: int, layer: int, hidden: torch.Tensor, routed: list[int]) -> list[Prediction]: ...
+    def predict(self, event: int, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> list[Prediction]:
+        """`hidden` [T, H] is the MoE input of `layer`; `top_k_index` [T, K] its routing."""
+
+
+def _ranked(layer: int, distance: int, scores: torch.Tensor) -> Prediction:
+    probs, experts = scores.sort(descending=True)  # [E]
+    return Prediction(distance, layer, tuple(experts.tolist()), tuple(probs.tolist()))
 
 
 class NoPredictor:
@@ -44,7 +52,7 @@ class NoPredictor:
     def begin(self) -> None:
         pass
 
-    def predict(self, event, layer, hidden, routed) -> list[Prediction]:
+    def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
         return []
 
 
@@ -77,9 +85,10 @@ class OraclePredictor:
         i = bisect.bisect_left(uses, self.event)
         return uses[i] if i < len(uses) and not self.diverged else math.inf
 
-    def predict(self, event, layer, hidden, routed) -> list[Prediction]:
+    def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
         self.event = event
-        if self.diverged or event >= len(self.trace) or self.trace[event] != (layer, tuple(routed)):
+        routed = tuple(top_k_index.unique().tolist())
+        if self.diverged or event >= len(self.trace) or self.trace[event] != (layer, routed):
             self.diverged = True
             return []
         ahead = self.trace[event + 1:event + 1 + self.lookahead]
@@ -87,4 +96,80 @@ class OraclePredictor:
                 for k, (target_layer, experts) in enumerate(ahead, start=1)]
 
 
-PREDICTORS = ("none", "oracle")
+class PregatePredictor:
+    """Training-free lookahead: layer N+k's own router, behind its own norm, applied to layer N's MoE
+    input. The MoE input is RMS-normalised with layer N's gain; dividing that gain out and applying
+    layer N+k's gives layer N+k's norm of the same residual stream."""
+
+    name = "pregate"
+
+    def __init__(self, routers: dict[int, RouterParts], lookahead: int):
+        self.layers = sorted(routers)
+        self.routers, self.lookahead = routers, lookahead
+        self._next = {layer: self.layers[i + 1:i + 1 + lookahead] for i, layer in enumerate(self.layers)}
+
+    def begin(self) -> None:
+        pass
+
+    def scores(self, source: int, target: int, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, E] routing probabilities of `target` predicted from `source`'s MoE input."""
+        src, dst = self.routers[source], self.routers[target]
+        x = hidden.float()  # [T, H]
+        if src.norm_weight is not None and dst.norm_weight is not None:
+            x = x / src.norm_weight.float().clamp_min(1e-6) * dst.norm_weight.float()
+        logits = x @ dst.weight.float().T  # [T, E]
+        if dst.bias is not None:
+            logits = logits + dst.bias.float()
+        return logits.softmax(-1)
+
+    def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
+        return [_ranked(target, k, self.scores(layer, target, hidden).amax(0))
+                for k, target in enumerate(self._next.get(layer, ()), start=1)]
+
+
+class HistoryPredictor:
+    """Expert-transition statistics: how often expert e at layer L-j (j = 0, 1, 2) of a token was
+    followed by expert e' at layer L+k of the same token. Learned online as the model runs (and from
+    traces via `observe`)."""
+
+    name = "history"
+
+    def __init__(self, layers: list[int], num_experts: int, lookahead: int, depth: int = 3):
+        self.layers, self.lookahead, self.depth = sorted(layers), lookahead, depth
+        self.position = {layer: i for i, layer in enumerate(self.layers)}
+        n = len(self.layers)
+        self.counts = torch.zeros(n, n, num_experts, num_experts)  # [src, tgt, e_src, e_tgt]
+        self._recent: dict[int, torch.Tensor] = {}  # position -> [T, K] routing of the current step
+
+    def begin(self) -> None:
+        self._recent.clear()
+
+    def observe(self, position: int, top_k_index: torch.Tensor) -> None:
+        """Record a layer's routing [T, K] and learn the transitions into it from the earlier layers."""
+        if position == 0:
+            self._recent.clear()
+        for src in range(max(0, position - self.depth - self.lookahead), position):
+            prev = self._recent.get(src)
+            if prev is not None and prev.shape[0] == top_k_index.shape[0]:
+                pairs = (prev[:, :, None] * self.counts.shape[-1] + top_k_index[:, None, :]).reshape(-1)
+                flat = self.counts[src, position].view(-1)
+                flat.index_add_(0, pairs, torch.ones_like(pairs, dtype=flat.dtype))
+        self._recent[position] = top_k_index.cpu()
+
+    def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
+        position = self.position[layer]
+        self.observe(position, top_k_index.cpu())
+        out = []
+        for k in range(1, self.lookahead + 1):
+            target = position + k
+            if target >= len(self.layers):
+                break
+            score = torch.zeros(self.counts.shape[-1])
+            for src in range(max(0, position - self.depth + 1), position + 1):
+                rows = self.counts[src, target][self._recent[src].reshape(-1)]  # [T*K, E]
+                score += (rows / rows.sum(-1, keepdim=True).clamp_min(1)).sum(0)
+            out.append(_ranked(self.layers[target], k, score / max(1e-9, score.sum())))
+        return out
+
+
+PREDICTORS = ("none", "oracle", "pregate", "history")

@@ -101,10 +101,13 @@ class ExpertRuntime:
         self.stats = RuntimeStats()
         self.trace: list[Routing] | None = None  # set to [] to record the routing of the next calls
         self.event = 0
+        self.recall: dict[int, tuple[int, int]] = {}  # distance -> (named and routed, routed)
+        self._predicted: dict[int, dict[int, set[int]]] = {}  # event -> distance -> experts named for it
 
     def begin(self) -> None:
         """A new generation: events restart at 0."""
         self.event = 0
+        self._predicted.clear()
         self.predictor.begin()
 
     def forward(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -126,9 +129,14 @@ class ExpertRuntime:
                 run(ExpertId(layer, e), self.store.read(ExpertId(layer, e)))
             return out
 
-        predicted = [(ExpertId(p.layer, e), event + p.distance, prob)
-                     for p in self.predictor.predict(event, layer, hidden, routed)
-                     for e, prob in list(zip(p.experts, p.probs))[:self.budget]]
+        predictions = self.predictor.predict(event, layer, hidden, top_k_index)
+        self._score(event, routed, decode=top_k_index.shape[0] == 1)
+        budget = self.budget or top_k_index.shape[-1]
+        predicted = []
+        for p in predictions:
+            experts = p.experts[:budget]
+            self._predicted.setdefault(event + p.distance, {})[p.distance] = set(experts)
+            predicted += [(ExpertId(p.layer, e), event + p.distance, prob) for e, prob in zip(experts, p.probs)]
         ready, waiting = self.loader.begin_layer(event, [ExpertId(layer, e) for e in routed], predicted)
         self.stats.hits += sum(counts[eid.expert] for eid, _ in ready)
         pending = set(waiting)
@@ -154,6 +162,21 @@ class ExpertRuntime:
                 self.loader.release(slot)
             self.loader.abandon(pending)
             raise
+        return out
+
+    def _score(self, event: int, routed: list[int], decode: bool) -> None:
+        """recall@k over decode steps: the share of this layer's routed experts named k layers earlier
+        (at the budget). Prefill layers route many tokens at once and are not scored."""
+        named_at = self._predicted.pop(event, {})
+        if not decode:
+            return
+        for distance, named in named_at.items():
+            hit, total = self.recall.get(distance, (0, 0))
+            self.recall[distance] = (hit + len(named.intersection(routed)), total + len(routed))
+
+    def recall_and_reset(self) -> dict[str, float]:
+        out = {str(k): hit / total for k, (hit, total) in sorted(self.recall.items()) if total}
+        self.recall = {}
         return out
 
     def _run_slot(self, run, eid: ExpertId, slot: int) -> None:
