@@ -43,6 +43,8 @@ def _add_generate(sub) -> None:
                         "this layer's hidden state), history (transition statistics learned online), oracle "
                         "(replays a first identical run's routing: the upper bound); default none")
     p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to prefetch (default 1)")
+    p.add_argument("--predictor-file", help="learned heads for --predictor learned (default: the model "
+                                            "directory's activemoe-predictor.safetensors)")
     p.add_argument("--link-gbps", type=float,
                    help="emulate a host-to-device link of this many GB/s (CPU copies are paced to it)")
     p.add_argument("--store", default="ram", choices=TIERS,
@@ -83,7 +85,8 @@ def cmd_generate(args) -> int:
         raise UserError("--lookahead must be at least 1")
     config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache, store=args.store,
                           experts_on=args.experts_on, link=LinkConfig(link_gbps=args.link_gbps),
-                          prefetch=PrefetchConfig(predictor=args.predictor, lookahead=args.lookahead))
+                          prefetch=PrefetchConfig(predictor=args.predictor, lookahead=args.lookahead,
+                                                  predictor_file=args.predictor_file))
     do_sample = False if args.greedy else (True if args.temperature is not None or args.top_p is not None else None)
     sampling = SamplingConfig(do_sample=do_sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     bar, on_progress = _progress()
@@ -120,15 +123,162 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_trace(sub) -> None:
+    trace = sub.add_parser("trace", help="record routing traces")
+    tsub = trace.add_subparsers(dest="trace_command", required=True)
+    p = tsub.add_parser("record", help="record per-token routing (and hidden states) of a model over text",
+                        description="Forward text through the model (teacher-forced) and record, per token and MoE "
+                                    "layer, the routed experts and weights, optionally the MoE input hidden state.")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help="text file, one prompt per line")
+    source.add_argument("--split", choices=("heldout", "train"),
+                        help="the corpus split of a bundled-style model (its heldout_files.txt)")
+    p.add_argument("--out", required=True, help="trace file to write (safetensors; written atomically)")
+    p.add_argument("--hidden", action="store_true", help="also record hidden states (needed by pregate/learned)")
+    p.add_argument("--max-tokens", type=int, default=8192, help="stop after this many tokens (default 8192)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per forward pass (default 256)")
+
+
+def _add_predictor_commands(sub) -> None:
+    p = sub.add_parser("train-predictor", help="train learned lookahead heads from a trace",
+                       description="Train one linear head per (MoE layer, lookahead k) on a trace recorded with "
+                                   "--hidden; with --model, heads start from the pre-gate.")
+    p.add_argument("--trace", required=True)
+    p.add_argument("--out", required=True, help="predictor sidecar to write (safetensors)")
+    p.add_argument("--model", help="the trace's model directory: start the heads from its routers (recommended)")
+    p.add_argument("--lookahead", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=30)
+    e = sub.add_parser("predict-eval", help="recall@k and precision@k of each predictor on a trace",
+                       description="Teacher-forced evaluation of pregate, history and learned predictors on a "
+                                   "trace: recall@k / precision@k per target layer and lookahead at a budget of "
+                                   "experts per layer, and each predictor's cost per token.")
+    e.add_argument("--model", required=True)
+    e.add_argument("--trace", required=True)
+    e.add_argument("--predictor-file", help="learned heads (default: the model directory's sidecar, if any)")
+    e.add_argument("--budget", type=int, help="experts named per target layer (default: the model's top-k)")
+    e.add_argument("--lookahead", type=int, default=3)
+    e.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
+    e.add_argument("--plot", help="write a recall heatmap PNG here")
+    e.add_argument("--json", action="store_true", help="print only the JSON line")
+
+
+def _chunks(eng, texts: list[str], seq_len: int, max_tokens: int) -> list[list[int]]:
+    ids: list[int] = []
+    for text in texts:
+        ids += eng.encode(text)
+        if len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens]
+    if not ids:
+        raise UserError("no tokens to record: the prompts are empty")
+    return [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+
+
+def cmd_trace(args) -> int:
+    from pathlib import Path
+
+    from activemoe import engine
+    from activemoe.trace import split_texts
+
+    if args.max_tokens < 1 or args.seq_len < 1:
+        raise UserError("--max-tokens and --seq-len must be at least 1")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: directory {out.parent} does not exist")
+    with engine.load(args.model, EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng:
+        if args.prompts:
+            path = Path(args.prompts)
+            if not path.is_file():
+                raise UserError(f"prompts file {path} does not exist")
+            texts = [line for line in path.read_text().splitlines() if line.strip()]
+        else:
+            texts = split_texts(Path(args.model), args.split)
+        trace = eng.record_trace(_chunks(eng, texts, args.seq_len, args.max_tokens), keep_hidden=args.hidden)
+    trace.save(out)
+    print(json.dumps({"trace": str(out), "rows": int(trace.layer.numel()), "tokens": int(trace.token.max()) + 1,
+                      "hidden": trace.hidden is not None, "shape_id": trace.meta["shape_id"]}))
+    return 0
+
+
+def cmd_train_predictor(args) -> int:
+    from activemoe import engine
+    from activemoe.families import router_parts
+    from activemoe.learned import save_heads, train_heads
+    from activemoe.trace import load_trace
+
+    trace = load_trace(args.trace)
+    routers = None
+    if args.model:
+        with engine.load(args.model, EngineConfig()) as eng:
+            trace.check_model(eng.shape_id)
+            routers = router_parts(eng.model, {m._activemoe_layer: m for m in _experts(eng)})
+    heads = train_heads(trace, args.lookahead, routers, epochs=args.epochs)
+    meta = {k: trace.meta[k] for k in ("model_type", "num_experts", "top_k", "hidden_size", "layers", "shape_id")}
+    save_heads(args.out, heads, {**meta, "lookahead": str(args.lookahead)})
+    print(json.dumps({"predictor_file": args.out, "heads": len(heads), "lookahead": args.lookahead}))
+    return 0
+
+
+def _experts(eng):
+    return [m for m in eng.model.modules() if hasattr(m, "_activemoe_layer")]
+
+
+def cmd_predict_eval(args) -> int:
+    from pathlib import Path
+
+    from activemoe import engine
+    from activemoe.evaluation import evaluate, heatmap
+    from activemoe.families import router_parts
+    from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
+    from activemoe.predictors import HistoryPredictor, PregatePredictor
+    from activemoe.trace import load_trace
+
+    trace = load_trace(args.trace)
+    with engine.load(args.model, EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng:
+        trace.check_model(eng.shape_id)
+        experts = {m._activemoe_layer: m for m in _experts(eng)}
+        layers, budget = sorted(experts), args.budget or eng.top_k
+        predictors = [PregatePredictor(router_parts(eng.model, experts), args.lookahead),
+                      HistoryPredictor(layers, trace.num_experts, args.lookahead)]
+        sidecar = Path(args.predictor_file) if args.predictor_file else Path(args.model) / SIDECAR
+        if args.predictor_file or sidecar.is_file():
+            predictors.append(LearnedPredictor(load_heads(sidecar, eng.shape_id), layers, args.lookahead))
+        prompt = trace.experts.new_tensor(range(3, 35)).tolist()
+        step = eng.generate(prompt, max_new_tokens=32, sampling=SamplingConfig(do_sample=False)).stats
+        step_us = 1e6 / step.decode_tok_s if step.decode_tok_s else float("nan")
+    scores = [evaluate(trace, p, budget, args.max_tokens) for p in predictors]
+    ks = range(1, args.lookahead + 1)
+    if not args.json:
+        print(f"predictor evaluation (teacher-forced on {args.trace}; budget {budget} experts per layer; cost "
+              f"measured, wall clock, this machine's CPU; decode step {step_us:.0f} us with all experts resident)")
+        head = " ".join(f"{'R@' + str(k):>6}" for k in ks) + " " + " ".join(f"{'P@' + str(k):>6}" for k in ks)
+        print(f"{'predictor':<10} {head} {'us/token':>9} {'% step':>7}")
+        for s in scores:
+            cells = " ".join(f"{s.recall(k):>6.3f}" for k in ks) + " " + " ".join(f"{s.precision(k):>6.3f}" for k in ks)
+            print(f"{s.name:<10} {cells} {s.us_per_token:>9.1f} {100 * s.us_per_token / step_us:>6.2f}%")
+    if args.plot:
+        heatmap(scores, layers, args.lookahead, args.plot)
+    print(json.dumps({"budget": budget, "decode_step_us": step_us, "predictors": {
+        s.name: {"recall": {str(k): s.recall(k) for k in ks}, "precision": {str(k): s.precision(k) for k in ks},
+                 "recall_by_layer": {str(k): {str(layer): s.recall(k, layer) for layer in layers
+                                             if s.recall(k, layer) == s.recall(k, layer)} for k in ks},
+                 "us_per_token": s.us_per_token} for s in scores}}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="activemoe", description="Run MoE language models with experts offloaded.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_trace(sub)
+    _add_predictor_commands(sub)
     return parser
 
 
-COMMANDS = {"generate": cmd_generate}
+COMMANDS = {"generate": cmd_generate, "trace": cmd_trace, "train-predictor": cmd_train_predictor,
+            "predict-eval": cmd_predict_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

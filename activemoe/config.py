@@ -27,6 +27,7 @@ class PrefetchConfig:
     issue_window: int = 2  # speculative loads in flight at once; the rest stay queued and cancellable
     chunk_bytes: int = 1 << 20  # copy granularity: a critical load overtakes speculative work between chunks
     budget: int | None = None  # predicted experts prefetched per target layer; None: the model's top-k
+    predictor_file: str | None = None  # learned heads; None: activemoe-predictor.safetensors in the model dir
 
 
 @dataclass(frozen=True)

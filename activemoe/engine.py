@@ -6,6 +6,7 @@ nothing about the command line.
 """
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import time
@@ -24,6 +25,7 @@ from activemoe.errors import UserError
 from activemoe.families import (experts_classes, experts_without_weights, offloaded_modules, router_parts,
                                 unsupported_message)
 from activemoe.hardware import profile_host_expert
+from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
 from activemoe.loader import Loader
 from activemoe.policies import FUTURE_POLICIES, Belady, make_policy
 from activemoe.predictors import PREDICTORS, HistoryPredictor, NoPredictor, OraclePredictor, PregatePredictor
@@ -31,6 +33,7 @@ from activemoe.runtime import IMPLEMENTATION, ExpertRuntime
 from activemoe.scheduler import PrefetchScheduler
 from activemoe.slots import EmulatedLink, SlotSlab
 from activemoe.store import TIERS, CheckpointIndex, ExpertStore, model_dir_of
+from activemoe.trace import Recorder, Trace, shape_id
 
 log = logging.getLogger(__name__)
 _TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k")
@@ -118,6 +121,33 @@ class Engine:
     def close(self) -> None:
         """Stop the loader and I/O threads; the engine cannot generate afterwards."""
         self.runtime.loader.close()
+
+    @property
+    def shape_id(self) -> str:
+        c = self.model.config
+        return shape_id(c.model_type, self.runtime.store.layers, self.runtime.store.num_experts, self.top_k,
+                        c.hidden_size)
+
+    def trace_meta(self) -> dict[str, str]:
+        c = self.model.config
+        return {"model_type": c.model_type, "num_experts": str(self.runtime.store.num_experts),
+                "top_k": str(self.top_k), "hidden_size": str(c.hidden_size),
+                "layers": json.dumps(self.runtime.store.layers), "shape_id": self.shape_id}
+
+    @torch.inference_mode()
+    def record_trace(self, chunks: list[list[int]], keep_hidden: bool = True, on_progress=None) -> Trace:
+        """Forward each token chunk (teacher-forced, no sampling) and record every layer's routing."""
+        recorder = Recorder(self.runtime.store.layers[0], keep_hidden)
+        self.runtime.recorder = recorder
+        try:
+            for i, chunk in enumerate(chunks):
+                self.runtime.begin()
+                self.model(torch.tensor([chunk], device=self.device), use_cache=False)
+                if on_progress:
+                    on_progress(i + 1, len(chunks))
+        finally:
+            self.runtime.recorder = None
+        return recorder.trace(self.trace_meta())
 
     def reset_cache(self) -> None:
         """Empty all slots, so the next generation starts cold."""
@@ -291,6 +321,11 @@ def _predictor(prefetch: PrefetchConfig, model, experts: dict, num_experts: int)
         return PregatePredictor(router_parts(model, experts), prefetch.lookahead)
     if prefetch.predictor == "history":
         return HistoryPredictor(list(experts), num_experts, prefetch.lookahead)
+    if prefetch.predictor == "learned":
+        path = prefetch.predictor_file or Path(model.config.name_or_path) / SIDECAR
+        c = model.config
+        expected = shape_id(c.model_type, list(experts), num_experts, _top_k(c), c.hidden_size)
+        return LearnedPredictor(load_heads(path, expected), list(experts), prefetch.lookahead)
     return NoPredictor()
 
 

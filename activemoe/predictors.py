@@ -39,7 +39,7 @@ class Predictor(Protocol):
         """`hidden` [T, H] is the MoE input of `layer`; `top_k_index` [T, K] its routing."""
 
 
-def _ranked(layer: int, distance: int, scores: torch.Tensor) -> Prediction:
+def ranked(layer: int, distance: int, scores: torch.Tensor) -> Prediction:
     probs, experts = scores.sort(descending=True)  # [E]
     return Prediction(distance, layer, tuple(experts.tolist()), tuple(probs.tolist()))
 
@@ -96,35 +96,55 @@ class OraclePredictor:
                 for k, (target_layer, experts) in enumerate(ahead, start=1)]
 
 
+class StackedHeads:
+    """Per source layer, the linear scorers of its next `lookahead` layers stacked into one matrix, so
+    a prediction costs one matmul, one softmax and one sort per layer (the budget is ~1% of a step)."""
+
+    def __init__(self, heads: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]]):
+        # source layer -> [(target layer, W [E, H], b [E])], nearest target first
+        self.targets = {src: [t for t, _, _ in items] for src, items in heads.items()}
+        self.weight = {src: torch.cat([w for _, w, _ in items]) for src, items in heads.items() if items}  # [k*E, H]
+        self.bias = {src: torch.cat([b for _, _, b in items]) for src, items in heads.items() if items}  # [k*E]
+
+    def predict(self, layer: int, hidden: torch.Tensor) -> list[Prediction]:
+        weight = self.weight.get(layer)
+        if weight is None:
+            return []
+        targets = self.targets[layer]
+        logits = torch.addmm(self.bias[layer], hidden.float(), weight.T)  # [T, k*E]
+        probs = logits.view(hidden.shape[0], len(targets), -1).softmax(-1).amax(0)  # [k, E]
+        values, experts = probs.sort(-1, descending=True)
+        return [Prediction(k, target, tuple(e), tuple(v))
+                for k, (target, e, v) in enumerate(zip(targets, experts.tolist(), values.tolist()), start=1)]
+
+
+def pregate_weights(routers: dict[int, RouterParts], src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer `dst`'s router behind its own norm, as a linear map of layer `src`'s MoE input: that input
+    is RMS-normalised with src's gain, so dividing it out and applying dst's gives dst's norm."""
+    s, d = routers[src], routers[dst]
+    weight = d.weight.float().clone()  # [E, H]
+    if s.norm_weight is not None and d.norm_weight is not None:
+        weight = weight * (d.norm_weight.float() / s.norm_weight.float().clamp_min(1e-6))
+    bias = d.bias.float().clone() if d.bias is not None else torch.zeros(weight.shape[0])
+    return weight, bias
+
+
 class PregatePredictor:
-    """Training-free lookahead: layer N+k's own router, behind its own norm, applied to layer N's MoE
-    input. The MoE input is RMS-normalised with layer N's gain; dividing that gain out and applying
-    layer N+k's gives layer N+k's norm of the same residual stream."""
+    """Training-free lookahead: layer N+k's own router, behind its own norm, applied to layer N's MoE input."""
 
     name = "pregate"
 
     def __init__(self, routers: dict[int, RouterParts], lookahead: int):
-        self.layers = sorted(routers)
-        self.routers, self.lookahead = routers, lookahead
-        self._next = {layer: self.layers[i + 1:i + 1 + lookahead] for i, layer in enumerate(self.layers)}
+        layers = sorted(routers)
+        self.heads = StackedHeads({src: [(dst, *pregate_weights(routers, src, dst))
+                                         for dst in layers[i + 1:i + 1 + lookahead]]
+                                   for i, src in enumerate(layers)})
 
     def begin(self) -> None:
         pass
 
-    def scores(self, source: int, target: int, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, E] routing probabilities of `target` predicted from `source`'s MoE input."""
-        src, dst = self.routers[source], self.routers[target]
-        x = hidden.float()  # [T, H]
-        if src.norm_weight is not None and dst.norm_weight is not None:
-            x = x / src.norm_weight.float().clamp_min(1e-6) * dst.norm_weight.float()
-        logits = x @ dst.weight.float().T  # [T, E]
-        if dst.bias is not None:
-            logits = logits + dst.bias.float()
-        return logits.softmax(-1)
-
     def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
-        return [_ranked(target, k, self.scores(layer, target, hidden).amax(0))
-                for k, target in enumerate(self._next.get(layer, ()), start=1)]
+        return self.heads.predict(layer, hidden)
 
 
 class HistoryPredictor:
@@ -168,8 +188,8 @@ class HistoryPredictor:
             for src in range(max(0, position - self.depth + 1), position + 1):
                 rows = self.counts[src, target][self._recent[src].reshape(-1)]  # [T*K, E]
                 score += (rows / rows.sum(-1, keepdim=True).clamp_min(1)).sum(0)
-            out.append(_ranked(self.layers[target], k, score / max(1e-9, score.sum())))
+            out.append(ranked(self.layers[target], k, score / max(1e-9, score.sum())))
         return out
 
 
-PREDICTORS = ("none", "oracle", "pregate", "history")
+PREDICTORS = ("none", "oracle", "pregate", "history", "learned")

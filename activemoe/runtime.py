@@ -100,6 +100,7 @@ class ExpertRuntime:
         self.budget, self.experts_on, self.miss_cost = budget, experts_on, miss_cost
         self.stats = RuntimeStats()
         self.trace: list[Routing] | None = None  # set to [] to record the routing of the next calls
+        self.recorder = None  # a trace.Recorder, called with every layer's routing (and hidden state)
         self.event = 0
         self.recall: dict[int, tuple[int, int]] = {}  # distance -> (named and routed, routed)
         self._predicted: dict[int, dict[int, set[int]]] = {}  # event -> distance -> experts named for it
@@ -119,6 +120,8 @@ class ExpertRuntime:
         self.stats.activations += top_k_index.numel()
         if self.trace is not None:
             self.trace.append((layer, tuple(routed)))
+        if self.recorder is not None:
+            self.recorder(layer, hidden, top_k_index, top_k_weights)
         run = lambda eid, w: self._accumulate(module, eid, w, hidden, top_k_index, top_k_weights, out)  # noqa: E731
         if self.experts_on == "host":
             self.stats.host_computed += len(routed)

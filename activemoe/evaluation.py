@@ -1,0 +1,96 @@
+"""Predictor evaluation on a recorded trace (teacher-forced): recall@k and precision@k per target
+layer and lookahead k at a budget of named experts, and each predictor's cost per token.
+It knows nothing about memory or the engine.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from activemoe.predictors import Predictor
+from activemoe.trace import Trace
+
+
+@dataclass
+class PredictorScore:
+    name: str
+    budget: int
+    hits: dict[tuple[int, int], int] = field(default_factory=dict)  # (target layer, k) -> named and routed
+    routed: dict[tuple[int, int], int] = field(default_factory=dict)  # (target layer, k) -> routed
+    named: dict[tuple[int, int], int] = field(default_factory=dict)  # (target layer, k) -> named
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def recall(self, k: int, layer: int | None = None) -> float:
+        keys = [key for key in self.routed if key[1] == k and (layer is None or key[0] == layer)]
+        total = sum(self.routed[key] for key in keys)
+        return sum(self.hits[key] for key in keys) / total if total else float("nan")
+
+    def precision(self, k: int, layer: int | None = None) -> float:
+        keys = [key for key in self.named if key[1] == k and (layer is None or key[0] == layer)]
+        total = sum(self.named[key] for key in keys)
+        return sum(self.hits[key] for key in keys) / total if total else float("nan")
+
+    @property
+    def us_per_token(self) -> float:
+        return self.seconds / self.tokens * 1e6 if self.tokens else 0.0
+
+
+def evaluate(trace: Trace, predictor: Predictor, budget: int, max_tokens: int | None = None) -> PredictorScore:
+    """Replay the trace token by token through the predictor, as the runtime would at decode time."""
+    if trace.hidden is None and predictor.name in ("pregate", "learned"):
+        from activemoe.errors import UserError
+
+        raise UserError(f"predictor {predictor.name} needs hidden states: record the trace with --hidden")
+    score = PredictorScore(predictor.name, budget)
+    layers = trace.layers
+    for n, rows in enumerate(trace.by_token().values()):
+        if max_tokens is not None and n >= max_tokens:
+            break
+        predictor.begin()
+        start = time.perf_counter()
+        named: dict[tuple[int, int], set[int]] = {}
+        for i, layer in enumerate(layers):
+            if layer not in rows:
+                continue
+            row = rows[layer]
+            hidden = trace.hidden[row:row + 1] if trace.hidden is not None else torch.zeros(1, 1)
+            for p in predictor.predict(i, layer, hidden, trace.experts[row:row + 1].long()):
+                named[(p.layer, p.distance)] = set(p.experts[:budget])
+        score.seconds += time.perf_counter() - start
+        score.tokens += 1
+        for (layer, k), experts in named.items():
+            if layer in rows:
+                routed = set(trace.experts[rows[layer]].tolist())
+                key = (layer, k)
+                score.hits[key] = score.hits.get(key, 0) + len(experts & routed)
+                score.routed[key] = score.routed.get(key, 0) + len(routed)
+                score.named[key] = score.named.get(key, 0) + len(experts)
+    return score
+
+
+def heatmap(scores: list[PredictorScore], layers: list[int], lookahead: int, path: str) -> None:
+    """One panel per predictor: recall@k by target layer (rows k, columns layers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(scores), figsize=(3 + 2.2 * len(scores), 2.6), squeeze=False)
+    for ax, score in zip(axes[0], scores):
+        grid = [[score.recall(k, layer) for layer in layers] for k in range(1, lookahead + 1)]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(f"{score.name} (budget {score.budget})")
+        ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_yticks(range(lookahead), [str(k) for k in range(1, lookahead + 1)])
+        ax.set_xlabel("target layer")
+        ax.set_ylabel("lookahead k")
+        for k in range(lookahead):
+            for j in range(len(layers)):
+                if grid[k][j] == grid[k][j]:  # not NaN
+                    ax.text(j, k, f"{grid[k][j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    fig.colorbar(image, ax=axes[0].tolist(), label="recall@k")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,144 @@
+"""Routing traces: record, save, load — one documented format.
+
+A trace is one safetensors file (written to a temp file, then renamed). Tensors, one row per
+(token, MoE layer) in execution order:
+  layer   [N] int32    decoder layer of the row
+  token   [N] int64    token index within the trace (all prompts concatenated)
+  experts [N, K] int32 routed expert ids, in the router's order
+  weights [N, K] float32 routing weights
+  hidden  [N, H] float16 (optional) the MoE input of that layer for that token
+Metadata (strings): format="activemoe-trace", version="1", model_type, num_experts, top_k,
+hidden_size, layers (JSON list of the MoE layers), shape_id (a digest of the model's shape).
+It knows nothing about policies.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from activemoe.errors import UserError
+
+FORMAT, VERSION = "activemoe-trace", "1"
+HELDOUT_LIST = "heldout_files.txt"
+
+
+def shape_id(model_type: str, layers: list[int], num_experts: int, top_k: int, hidden_size: int) -> str:
+    text = json.dumps([model_type, layers, num_experts, top_k, hidden_size])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Trace:
+    layer: torch.Tensor  # [N]
+    token: torch.Tensor  # [N]
+    experts: torch.Tensor  # [N, K]
+    weights: torch.Tensor  # [N, K]
+    hidden: torch.Tensor | None  # [N, H]
+    meta: dict[str, str]
+
+    @property
+    def layers(self) -> list[int]:
+        return json.loads(self.meta["layers"])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.meta["num_experts"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tensors = {"layer": self.layer, "token": self.token, "experts": self.experts, "weights": self.weights}
+        if self.hidden is not None:
+            tensors["hidden"] = self.hidden
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=self.meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def check_model(self, expected_shape_id: str) -> None:
+        if self.meta.get("shape_id") != expected_shape_id:
+            raise UserError(f"this trace was recorded with another model ({self.meta.get('model_type')}, "
+                            f"shape {self.meta.get('shape_id')}); record one with this model")
+
+    def by_token(self) -> dict[int, dict[int, int]]:
+        """token -> {layer: row}."""
+        out: dict[int, dict[int, int]] = {}
+        for row, (layer, token) in enumerate(zip(self.layer.tolist(), self.token.tolist())):
+            out.setdefault(token, {})[layer] = row
+        return out
+
+
+def load_trace(path: str | os.PathLike) -> Trace:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"trace file {path} does not exist")
+    try:
+        tensors = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable trace (damaged or not safetensors): {e}") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} is not an ActiveMoE trace")
+    if meta.get("version") != VERSION:
+        raise UserError(f"{path} has trace format version {meta.get('version')}; this ActiveMoE reads {VERSION}")
+    missing = {"layer", "token", "experts", "weights"} - set(tensors)
+    if missing:
+        raise UserError(f"{path} lacks {sorted(missing)}; the trace is damaged")
+    return Trace(tensors["layer"], tensors["token"], tensors["experts"], tensors["weights"], tensors.get("hidden"), meta)
+
+
+class Recorder:
+    """Collects rows as the runtime routes; attach with `runtime.recorder = Recorder(...)`."""
+
+    def __init__(self, first_layer: int, keep_hidden: bool):
+        self.first_layer, self.keep_hidden = first_layer, keep_hidden
+        self.rows: list[tuple] = []
+        self.base = 0  # token index of row 0 of the current forward
+        self._width = 0
+
+    def __call__(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if layer == self.first_layer:
+            self.base += self._width
+            self._width = hidden.shape[0]
+        tokens = torch.arange(self.base, self.base + hidden.shape[0])
+        self.rows.append((layer, tokens, top_k_index.cpu().int(), top_k_weights.detach().float().cpu(),
+                          hidden.detach().half().cpu() if self.keep_hidden else None))
+
+    def trace(self, meta: dict[str, str]) -> Trace:
+        layer = torch.cat([torch.full((t.shape[0],), l, dtype=torch.int32) for l, t, *_ in self.rows])
+        hidden = torch.cat([r[4] for r in self.rows]) if self.keep_hidden else None
+        return Trace(layer, torch.cat([r[1] for r in self.rows]), torch.cat([r[2] for r in self.rows]),
+                     torch.cat([r[3] for r in self.rows]), hidden, {**meta, "format": FORMAT, "version": VERSION})
+
+
+def split_texts(model_dir: Path, split: str) -> list[str]:
+    """Texts of a bundled-style model's corpus split: files named in heldout_files.txt (relative to this
+    interpreter's standard library) are held out; the train split is every other .py file there."""
+    listing = model_dir / HELDOUT_LIST
+    if not listing.is_file():
+        raise UserError(f"{model_dir} has no {HELDOUT_LIST}; use --prompts FILE instead of --split")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    held = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    if split == "heldout":
+        names = held
+    else:
+        skip = set(held)
+        names = sorted(str(p.relative_to(stdlib)) for p in stdlib.rglob("*.py")
+                       if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts
+                       and str(p.relative_to(stdlib)) not in skip)
+    return [(stdlib / n).read_text(errors="replace") for n in names if (stdlib / n).is_file()]
