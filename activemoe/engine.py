@@ -75,6 +75,7 @@ class GenerationStats:
     wasted_loads: int  # speculative loads evicted before any use
     host_computed: int  # experts computed from their host copy
     recall: dict[str, float] = field(default_factory=dict)  # lookahead k -> live recall@k over decode steps
+    decode_bytes_per_token: float = 0.0  # bytes copied into slots per decode step (prefill excluded)
     per_token_s: tuple[float, ...] = ()  # wall time of each decode step
 
 
@@ -87,8 +88,9 @@ class Generation:
 class _TimingStreamer:
     """transformers streamer protocol: first put() is the prompt, then one call per new token."""
 
-    def __init__(self, on_token: Callable[[int], None] | None):
-        self.on_token, self.times, self._prompt_seen = on_token, [], False
+    def __init__(self, on_token: Callable[[int], None] | None, bytes_moved: Callable[[], int]):
+        self.on_token, self.times, self.bytes, self._prompt_seen = on_token, [], [], False
+        self.bytes_moved = bytes_moved
         self.start = time.perf_counter()
 
     def put(self, value: torch.Tensor) -> None:
@@ -96,6 +98,7 @@ class _TimingStreamer:
             self._prompt_seen = True
             return
         self.times.append(time.perf_counter())
+        self.bytes.append(self.bytes_moved())
         if self.on_token:
             for token in value.reshape(-1).tolist():
                 self.on_token(token)
@@ -201,7 +204,7 @@ class Engine:
         for stats in (self.runtime.stats, loader.stats, loader.cache.stats, loader.scheduler.stats):
             stats.get_and_reset()
         self.runtime.recall_and_reset()
-        streamer = _TimingStreamer(on_token)
+        streamer = _TimingStreamer(on_token, lambda: loader.stats.bytes_moved)
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                   streamer=streamer, **kwargs)
         rt, ld = self.runtime.stats.get_and_reset(), loader.stats.get_and_reset()
@@ -215,7 +218,8 @@ class Engine:
             peak_rss_bytes=peak_rss_bytes(), stall_s=ld.stall_s,
             overlap=max(0.0, 1.0 - ld.stall_s / ld.busy_s) if ld.busy_s > 0 else 1.0,
             critical_loads=ss.critical, speculative_loads=cs.loads - ss.critical, wasted_loads=cs.wasted,
-            host_computed=rt.host_computed, recall=self.runtime.recall_and_reset(), per_token_s=steps)
+            host_computed=rt.host_computed, recall=self.runtime.recall_and_reset(), per_token_s=steps,
+            decode_bytes_per_token=(streamer.bytes[-1] - streamer.bytes[0]) / len(steps) if steps else 0.0)
         return Generation(token_ids=out[0, len(prompt_ids):].tolist(), stats=stats)
 
 

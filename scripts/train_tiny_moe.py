@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm-topk-prob", type=int, choices=[0, 1], default=1)
     g.add_argument("--tie-embeddings", type=int, choices=[0, 1], default=1)
     g.add_argument("--aux-loss-coef", type=float, default=0.01, help="router_aux_loss_coef (default: %(default)s)")
+    g.add_argument("--aux-per-layer", type=int, choices=[0, 1], default=1,
+                   help="1: apply the load-balancing loss to each layer separately and average (default); "
+                        "0: HF default, one loss over all layers' router logits concatenated")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the saved weights")
     g = p.add_argument_group("optimisation")
     g.add_argument("--seq-len", type=int, default=256)
@@ -254,6 +257,15 @@ def save_tokenizer(tok, out_dir: str):
         model_max_length=4096, clean_up_tokenization_spaces=False,
     )
     hf_tok.save_pretrained(out_dir)
+    # transformers 5 writes its internal class name ("TokenizersBackend"); the portable name loads
+    # under transformers 4.x as well and resolves to the same class under 5.x.
+    cfg_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        tcfg = json.load(f)
+    tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(cfg_path, "w") as f:
+        json.dump(tcfg, f, indent=2, sort_keys=True)
+        f.write("\n")
     return hf_tok
 
 
@@ -288,6 +300,7 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, GenerationConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func as lb_loss
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -360,9 +373,15 @@ def main(argv=None) -> int:
         out = model(input_ids=batch[:, :-1], output_router_logits=True, use_cache=False)
         logits = out.logits.float()
         ce_t = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        # Same objective as Qwen3MoeForCausalLM(labels=...): CE + router_aux_loss_coef * aux
-        loss = ce_t + args.aux_loss_coef * out.aux_loss
-        ce, aux = ce_t.item(), out.aux_loss.item()
+        if args.aux_per_layer:
+            # The family's load_balancing_loss_func applied to each layer separately, then averaged.
+            # (HF's default concatenates all layers' router logits, which lets per-layer imbalance
+            # cancel out across layers: an expert can be dead in one layer and overused in another.)
+            aux_t = sum(lb_loss((rl,), args.num_experts, args.top_k) for rl in out.router_logits) / len(out.router_logits)
+        else:  # exactly Qwen3MoeForCausalLM(labels=...): CE + router_aux_loss_coef * aux
+            aux_t = out.aux_loss
+        loss = ce_t + args.aux_loss_coef * aux_t
+        ce, aux = ce_t.item(), aux_t.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -412,6 +431,8 @@ def main(argv=None) -> int:
             f.write("\n".join(held_files) + "\n")
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(args, argv, config, stats, hf_tok))
+        for fn in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, fn), 0o644)
         os.chmod(tmp, 0o755)
         old = None
         if os.path.exists(out_dir):
@@ -450,7 +471,7 @@ It writes Python-looking code; it is far too small to be useful for anything els
 | hidden size | {config.hidden_size} |
 | attention | {config.num_attention_heads} query heads, {config.num_key_value_heads} KV heads, head_dim {config.head_dim}, RoPE theta 10000 |
 | experts | {config.num_experts} per layer, top-{config.num_experts_per_tok} (`num_experts_per_tok`), `moe_intermediate_size` {config.moe_intermediate_size}, `norm_topk_prob={config.norm_topk_prob}` |
-| router aux loss | Switch-style load-balancing loss (`load_balancing_loss_func`), `router_aux_loss_coef={config.router_aux_loss_coef}` |
+| router aux loss | Switch-style load-balancing loss (the family's `load_balancing_loss_func`), `router_aux_loss_coef={config.router_aux_loss_coef}`, {"applied to each layer separately and averaged over layers (HF's default pools all layers, which lets an expert be dead in one layer and overused in another)" if args.aux_per_layer else "HF default: one loss over all layers' router logits pooled"} |
 | embeddings | vocab {config.vocab_size}, `tie_word_embeddings={config.tie_word_embeddings}` |
 | special tokens | `{EOS_TOKEN}` = bos = eos = id {config.eos_token_id} (document separator), `{PAD_TOKEN}` = pad = id {config.pad_token_id} |
 

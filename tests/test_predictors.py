@@ -1,0 +1,67 @@
+"""Predictors on synthetic routing where the right answer is known, and exact parity with each."""
+import pytest
+import torch
+
+import activemoe
+from activemoe.config import CacheConfig, EngineConfig, PrefetchConfig, SamplingConfig
+from activemoe.families import RouterParts
+from activemoe.predictors import HistoryPredictor, OraclePredictor, PregatePredictor
+from tests.test_parity import GEN, PROMPT, _assert_parity, _reference
+
+E, K = 8, 2
+
+
+def test_history_learns_a_deterministic_transition_perfectly():
+    """Layer N+1 routes to (e + 3) % E for every e routed at layer N: once every expert has been seen
+    often enough to outweigh chance co-occurrence (40 tokens), recall is 1."""
+    layers = [0, 1, 2, 3]
+    predictor = HistoryPredictor(layers, E, lookahead=2)
+    gen = torch.Generator().manual_seed(0)
+    hits = total = 0
+    for step in range(60):
+        first = torch.randperm(E, generator=gen)[:K]
+        routing = [(first + 3 * i) % E for i in range(len(layers))]
+        predicted = {}
+        for i, layer in enumerate(layers):
+            for p in predictor.predict(step * 4 + i, layer, torch.zeros(1, 4), routing[i][None]):
+                predicted[(layer, p.distance)] = set(p.experts[:K])
+        if step >= 40:
+            for (layer, k), named in predicted.items():
+                hits += len(named & set(routing[layers.index(layer) + k].tolist()))
+                total += K
+    assert total and hits == total
+
+
+def test_pregate_equals_the_target_router_when_routers_share_the_hidden_state():
+    torch.manual_seed(0)
+    weight = torch.randn(E, 16)
+    norm0, norm1 = torch.rand(16) + 0.5, torch.rand(16) + 0.5
+    routers = {0: RouterParts(norm0, torch.randn(E, 16), None), 1: RouterParts(norm1, weight, None)}
+    predictor = PregatePredictor(routers, lookahead=1)
+    residual = torch.randn(3, 16)
+    rms = residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True))
+    moe_input_0 = rms * norm0  # what layer 0's experts receive
+    (pred,) = predictor.predict(0, 0, moe_input_0, torch.zeros(3, K, dtype=torch.long))
+    expected = ((rms * norm1) @ weight.T).softmax(-1).amax(0)  # layer 1's router on the same residual
+    assert pred.layer == 1 and pred.distance == 1
+    assert list(pred.experts) == expected.argsort(descending=True).tolist()
+
+
+def test_oracle_stops_when_routing_diverges():
+    oracle = OraclePredictor([(0, (1, 2)), (1, (3, 4)), (0, (5, 6))], lookahead=2)
+    (p1, p2) = oracle.predict(0, 0, None, torch.tensor([[1, 2]]))
+    assert (p1.layer, p1.experts, p2.experts) == (1, (3, 4), (5, 6))
+    assert oracle.predict(1, 1, None, torch.tensor([[3, 7]])) == [] and oracle.diverged
+
+
+@pytest.mark.parametrize("predictor", ["pregate", "history"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_parity_with_each_predictor(checkpoint, family, predictor):
+    model_dir = checkpoint(family)
+    ref = _reference(model_dir)
+    cfg = EngineConfig(cache=CacheConfig(num_slots=5, policy="slru"),
+                       prefetch=PrefetchConfig(predictor=predictor, lookahead=2))
+    with activemoe.load(model_dir, cfg) as eng:
+        _assert_parity(ref, eng.model.generate(PROMPT, **GEN))
+        out = eng.generate(PROMPT[0].tolist(), max_new_tokens=8, sampling=SamplingConfig(do_sample=False))
+        assert set(out.stats.recall) <= {"1", "2"} and all(0 <= r <= 1 for r in out.stats.recall.values())
