@@ -163,7 +163,7 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise UserError("this checkpoint has no tokenizer; pass --prompt-ids instead of --prompt")
-        return self.tokenizer(text)["input_ids"]
+        return self.tokenizer(text, verbose=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)

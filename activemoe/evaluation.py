@@ -79,14 +79,15 @@ def heatmap(scores: list[PredictorScore], layers: list[int], lookahead: int, pat
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(scores), figsize=(3 + 2.2 * len(scores), 2.6), squeeze=False)
-    for ax, score in zip(axes[0], scores):
+    for i, (ax, score) in enumerate(zip(axes[0], scores)):
         grid = [[score.recall(k, layer) for layer in layers] for k in range(1, lookahead + 1)]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(f"{score.name} (budget {score.budget})")
         ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
         ax.set_yticks(range(lookahead), [str(k) for k in range(1, lookahead + 1)])
         ax.set_xlabel("target layer")
-        ax.set_ylabel("lookahead k")
+        if i == 0:
+            ax.set_ylabel("lookahead k")
         for k in range(lookahead):
             for j in range(len(layers)):
                 if grid[k][j] == grid[k][j]:  # not NaN

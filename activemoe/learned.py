@@ -6,17 +6,15 @@ Saved as a safetensors sidecar tied to the model's shape. Legend: N rows, H hidd
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from activemoe.errors import UserError
 from activemoe.families import RouterParts
 from activemoe.predictors import Prediction, StackedHeads, pregate_weights
-from activemoe.trace import Trace
+from activemoe.trace import Trace, save_atomic
 
 SIDECAR = "activemoe-predictor.safetensors"
 Heads = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]  # (source layer, k) -> (W [E, H], b [E])
@@ -66,18 +64,10 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
 
 
 def save_heads(path: str | os.PathLike, heads: Heads, meta: dict[str, str]) -> None:
-    path = Path(path)
     tensors = {}
     for (src, k), (w, b) in heads.items():
-        tensors[f"head.{src}.{k}.weight"], tensors[f"head.{src}.{k}.bias"] = w.contiguous(), b.contiguous()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={**meta, "format": "activemoe-predictor", "version": "1"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tensors[f"head.{src}.{k}.weight"], tensors[f"head.{src}.{k}.bias"] = w, b
+    save_atomic(tensors, path, {**meta, "format": "activemoe-predictor", "version": "1"})
 
 
 def load_heads(path: str | os.PathLike, expected_shape_id: str) -> Heads:

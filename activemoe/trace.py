@@ -54,18 +54,10 @@ class Trace:
         return int(self.meta["num_experts"])
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
         tensors = {"layer": self.layer, "token": self.token, "experts": self.experts, "weights": self.weights}
         if self.hidden is not None:
             tensors["hidden"] = self.hidden
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=self.meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_atomic(tensors, path, self.meta)
 
     def check_model(self, expected_shape_id: str) -> None:
         if self.meta.get("shape_id") != expected_shape_id:
@@ -78,6 +70,22 @@ class Trace:
         for row, (layer, token) in enumerate(zip(self.layer.tolist(), self.token.tolist())):
             out.setdefault(token, {})[layer] = row
         return out
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write a safetensors file next to its destination, then rename: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_trace(path: str | os.PathLike) -> Trace:
