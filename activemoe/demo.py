@@ -1,4 +1,5 @@
-"""`make demo`: generate on the bundled trained model with a quarter of the experts in device slots.
+"""`make demo`: generate on the bundled trained model with a quarter of the experts in device slots,
+reactive (on-demand LRU) and predictive (learned lookahead + SLRU), over an emulated link.
 
 Before the bundled model exists, it builds a small random checkpoint instead and says so.
 """
@@ -8,18 +9,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 import activemoe
-from activemoe.config import CacheConfig, EngineConfig, SamplingConfig
+from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig, SamplingConfig
+from activemoe.learned import SIDECAR
 
 BUNDLED = Path(__file__).parent / "assets" / "tiny-moe"
-PROMPT = "def read_config(path):\n"
+PROMPT = "class Config:\n    def __init__(self, path):\n        for key, value in "
+LINK_GBPS = 0.25  # emulated host-to-device link: one expert of the bundled model takes ~1.2 ms
 
 
 def main() -> int:
     console = Console()
+    torch.set_num_threads(1)  # one core computes, the other runs the copy thread
     with tempfile.TemporaryDirectory() as tmp:
         if (BUNDLED / "config.json").is_file():
             model_dir, label = BUNDLED, "bundled trained model (activemoe/assets/tiny-moe)"
@@ -29,26 +34,36 @@ def main() -> int:
             model_dir = build_tiny_checkpoint("qwen3_moe", Path(tmp) / "random-qwen3-moe", num_layers=4, num_experts=16,
                                               top_k=2, hidden=64, expert_width=64, vocab=256)
             label = "RANDOM-WEIGHT qwen3_moe checkpoint (no bundled model yet): the output is noise"
-        engine = activemoe.load(model_dir, EngineConfig(cache=CacheConfig(slot_fraction=0.25)))
+        predictor = "learned" if (model_dir / SIDECAR).is_file() else "pregate"
+        configs = {
+            "reactive LRU": EngineConfig(cache=CacheConfig(slot_fraction=0.25),
+                                                     link=LinkConfig(link_gbps=LINK_GBPS)),
+            f"{predictor} + SLRU": EngineConfig(
+                cache=CacheConfig(slot_fraction=0.25, policy="slru"), link=LinkConfig(link_gbps=LINK_GBPS),
+                prefetch=PrefetchConfig(predictor=predictor, lookahead=2)),
+        }
         console.print(f"[bold]model:[/] {label}")
-        ls = engine.load_stats
-        console.print(f"[bold]slots:[/] {ls.num_slots} of {ls.total_experts} experts on the device "
-                      f"({ls.slab_bytes / 2**20:.2f} MiB slab, {ls.host_store_bytes / 2**20:.2f} MiB in host RAM)")
         greedy = SamplingConfig(do_sample=False)
-        if engine.tokenizer is not None:
-            console.print(f"[bold]prompt:[/] {PROMPT!r}")
-            out = engine.generate(engine.encode(PROMPT), max_new_tokens=48, sampling=greedy)
-            console.print("[bold]completion:[/]")
-            console.print(PROMPT + engine.decode(out.token_ids), markup=False, highlight=False)
-        else:
-            out = engine.generate([5, 6, 7, 8], max_new_tokens=48, sampling=greedy)
-            console.print(f"[bold]generated ids:[/] {out.token_ids}")
-        table = Table(title="generation statistics (measured, wall clock, this machine's CPU)")
-        for column in ("hit rate", "loads", "evictions", "bytes moved", "stall s", "TTFT s", "decode tok/s"):
+        table = Table(title=f"decode, measured wall clock (this CPU), emulated link {LINK_GBPS} GB/s")
+        for column in ("configuration", "slots", "hit rate", "recall@1", "MB moved", "stall s", "tok/s"):
             table.add_column(column, justify="right")
-        s = out.stats
-        table.add_row(f"{s.hit_rate:.3f}", str(s.loads), str(s.evictions), f"{s.bytes_moved:,}", f"{s.stall_s:.4f}",
-                      f"{s.ttft_s:.3f}", f"{s.decode_tok_s:.1f}")
+        texts = []
+        for name, config in configs.items():
+            with activemoe.load(model_dir, config) as engine:
+                prompt = engine.encode(PROMPT) if engine.tokenizer is not None else [5, 6, 7, 8]
+                engine.generate(prompt, max_new_tokens=8, sampling=greedy)  # warm-up
+                engine.reset_cache()
+                out = engine.generate(prompt, max_new_tokens=48, sampling=greedy)
+                s, ls = out.stats, engine.load_stats
+                texts.append(engine.decode(out.token_ids) if engine.tokenizer is not None else str(out.token_ids))
+                recall = s.recall.get("1")
+                table.add_row(name, f"{ls.num_slots}/{ls.total_experts}", f"{s.hit_rate:.3f}",
+                              "-" if recall is None else f"{recall:.3f}", f"{s.bytes_moved / 1e6:.1f}",
+                              f"{s.stall_s:.3f}", f"{s.decode_tok_s:.1f}")
+        console.print(f"[bold]prompt:[/] {PROMPT!r}")
+        console.print("[bold]completion[/] (identical in both configurations: exact mode):")
+        console.print(PROMPT + texts[0], markup=False, highlight=False)
+        assert texts[0] == texts[1], "exact mode changed the output"
         console.print(table)
     return 0
 
