@@ -40,7 +40,9 @@ def _add_generate(sub) -> None:
                    help="eviction policy: lru, lfu, lfru (decayed frequency), slru (hot/cold segments), belady (future knowledge, with --predictor oracle only); default lru")
     p.add_argument("--predictor", default="none", choices=PREDICTORS,
                    help="expert predictor for prefetching: none (reactive), pregate (the next layers' routers on "
-                        "this layer's hidden state), history (transition statistics learned online), oracle "
+                        "this layer's hidden state), history (transition statistics learned online), learned (trained "
+                        "lookahead heads), adaptive (combines them by measured recall, sizes each prefetch by "
+                        "confidence), oracle "
                         "(replays a first identical run's routing: the upper bound); default none")
     p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to prefetch (default 1)")
     p.add_argument("--predictor-file", help="learned heads for --predictor learned (default: the model "
@@ -231,7 +233,7 @@ def cmd_predict_eval(args) -> int:
     from activemoe.evaluation import evaluate, heatmap
     from activemoe.families import router_parts
     from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
-    from activemoe.predictors import HistoryPredictor, PregatePredictor
+    from activemoe.predictors import AdaptivePredictor, HistoryPredictor, PregatePredictor
     from activemoe.trace import load_trace
 
     trace = load_trace(args.trace)
@@ -244,6 +246,9 @@ def cmd_predict_eval(args) -> int:
         sidecar = Path(args.predictor_file) if args.predictor_file else Path(args.model) / SIDECAR
         if args.predictor_file or sidecar.is_file():
             predictors.append(LearnedPredictor(load_heads(sidecar, eng.shape_id), layers, args.lookahead))
+        predictors.append(AdaptivePredictor([PregatePredictor(router_parts(eng.model, experts), args.lookahead),
+                                             HistoryPredictor(layers, trace.num_experts, args.lookahead),
+                                             *predictors[2:]], eng.top_k))
         prompt = trace.experts.new_tensor(range(3, 35)).tolist()
         step = eng.generate(prompt, max_new_tokens=32, sampling=SamplingConfig(do_sample=False)).stats
         step_us = 1e6 / step.decode_tok_s if step.decode_tok_s else float("nan")

@@ -28,7 +28,8 @@ from activemoe.hardware import profile_host_expert
 from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
 from activemoe.loader import Loader
 from activemoe.policies import FUTURE_POLICIES, Belady, make_policy
-from activemoe.predictors import PREDICTORS, HistoryPredictor, NoPredictor, OraclePredictor, PregatePredictor
+from activemoe.predictors import (PREDICTORS, AdaptivePredictor, HistoryPredictor, NoPredictor, OraclePredictor,
+                                  PregatePredictor)
 from activemoe.runtime import IMPLEMENTATION, ExpertRuntime
 from activemoe.scheduler import PrefetchScheduler
 from activemoe.slots import EmulatedLink, SlotSlab
@@ -325,11 +326,17 @@ def _predictor(prefetch: PrefetchConfig, model, experts: dict, num_experts: int)
         return PregatePredictor(router_parts(model, experts), prefetch.lookahead)
     if prefetch.predictor == "history":
         return HistoryPredictor(list(experts), num_experts, prefetch.lookahead)
+    c = model.config
+    sidecar = Path(prefetch.predictor_file) if prefetch.predictor_file else Path(c.name_or_path) / SIDECAR
+    expected = shape_id(c.model_type, list(experts), num_experts, _top_k(c), c.hidden_size)
     if prefetch.predictor == "learned":
-        path = prefetch.predictor_file or Path(model.config.name_or_path) / SIDECAR
-        c = model.config
-        expected = shape_id(c.model_type, list(experts), num_experts, _top_k(c), c.hidden_size)
-        return LearnedPredictor(load_heads(path, expected), list(experts), prefetch.lookahead)
+        return LearnedPredictor(load_heads(sidecar, expected), list(experts), prefetch.lookahead)
+    if prefetch.predictor == "adaptive":
+        components = [PregatePredictor(router_parts(model, experts), prefetch.lookahead),
+                      HistoryPredictor(list(experts), num_experts, prefetch.lookahead)]
+        if sidecar.is_file():
+            components.append(LearnedPredictor(load_heads(sidecar, expected), list(experts), prefetch.lookahead))
+        return AdaptivePredictor(components, _top_k(c))
     return NoPredictor()
 
 

@@ -27,6 +27,7 @@ class Prediction:
     layer: int  # decoder layer of the target event
     experts: tuple[int, ...]  # best first
     probs: tuple[float, ...]
+    budget: int | None = None  # experts worth prefetching; None: the runtime's configured budget
 
 
 class Predictor(Protocol):
@@ -192,4 +193,60 @@ class HistoryPredictor:
         return out
 
 
-PREDICTORS = ("none", "oracle", "pregate", "history", "learned")
+class AdaptivePredictor:
+    """Combines predictors by their measured per-(layer, k) recall, and sizes each prefetch from its
+    confidence: the fewest experts whose combined probability reaches `mass`, at most `max_budget`,
+    and none when the best component's recall for that target is under `min_recall` (a wrong guess
+    would only evict a resident expert)."""
+
+    name = "adaptive"
+
+    def __init__(self, components: list, top_k: int, mass: float = 0.8, min_recall: float = 0.3,
+                 max_budget: int | None = None, warmup: int = 16):
+        self.components, self.top_k, self.mass, self.min_recall = components, top_k, mass, min_recall
+        self.max_budget, self.warmup = max_budget or 2 * top_k, warmup
+        self.hits: dict[tuple[str, int, int], list[int]] = {}  # (component, layer, k) -> [named & routed, routed]
+        self._pending: dict[int, list[tuple[str, int, set[int]]]] = {}  # target layer -> (component, k, named)
+
+    def begin(self) -> None:
+        self._pending.clear()
+        for c in self.components:
+            c.begin()
+
+    def recall(self, name: str, layer: int, k: int) -> float:
+        hit, total = self.hits.get((name, layer, k), (0, 0))
+        return hit / total if total >= self.warmup * self.top_k else 0.5  # an uninformed prior until measured
+
+    def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
+        if top_k_index.shape[0] == 1:  # score what the components named for this layer (decode steps)
+            routed = set(top_k_index[0].tolist())
+            for name, k, named in self._pending.pop(layer, []):
+                entry = self.hits.setdefault((name, layer, k), [0, 0])
+                entry[0] += len(named & routed)
+                entry[1] += len(routed)
+        by_target: dict[tuple[int, int], list[tuple[str, Prediction]]] = {}
+        for c in self.components:
+            for p in c.predict(event, layer, hidden, top_k_index):
+                by_target.setdefault((p.layer, p.distance), []).append((c.name, p))
+                self._pending.setdefault(p.layer, []).append((c.name, p.distance, set(p.experts[:self.top_k])))
+        out = []
+        for (target, k), preds in by_target.items():
+            weights = {name: self.recall(name, target, k) for name, _ in preds}
+            combined: dict[int, float] = {}
+            for name, p in preds:
+                for e, prob in zip(p.experts, p.probs):
+                    combined[e] = combined.get(e, 0.0) + weights[name] * prob
+            total = sum(combined.values()) or 1.0
+            ranked_experts = sorted(combined, key=combined.get, reverse=True)
+            probs = tuple(combined[e] / total for e in ranked_experts)
+            budget = 0
+            if max(weights.values()) >= self.min_recall:
+                covered = 0.0
+                while budget < min(self.max_budget, len(probs)) and covered < self.mass:
+                    covered += probs[budget]
+                    budget += 1
+            out.append(Prediction(k, target, tuple(ranked_experts), probs, budget))
+        return out
+
+
+PREDICTORS = ("none", "oracle", "pregate", "history", "learned", "adaptive")

@@ -137,7 +137,7 @@ class ExpertRuntime:
         budget = self.budget or top_k_index.shape[-1]
         predicted = []
         for p in predictions:
-            experts = p.experts[:budget]
+            experts = p.experts[:budget if p.budget is None else p.budget]
             self._predicted.setdefault(event + p.distance, {})[p.distance] = set(experts)
             predicted += [(ExpertId(p.layer, e), event + p.distance, prob) for e, prob in zip(experts, p.probs)]
         ready, waiting = self.loader.begin_layer(event, [ExpertId(layer, e) for e in routed], predicted)

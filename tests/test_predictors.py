@@ -65,3 +65,54 @@ def test_parity_with_each_predictor(checkpoint, family, predictor):
         _assert_parity(ref, eng.model.generate(PROMPT, **GEN))
         out = eng.generate(PROMPT[0].tolist(), max_new_tokens=8, sampling=SamplingConfig(do_sample=False))
         assert set(out.stats.recall) <= {"1", "2"} and all(0 <= r <= 1 for r in out.stats.recall.values())
+
+
+class _Fixed:
+    """A component that always names the same experts for the next layer."""
+
+    def __init__(self, name, experts, probs):
+        self.name, self.experts, self.probs = name, experts, probs
+
+    def begin(self):
+        pass
+
+    def predict(self, event, layer, hidden, top_k_index):
+        from activemoe.predictors import Prediction
+
+        return [Prediction(1, layer + 1, self.experts, self.probs)] if layer == 0 else []
+
+
+def _run_adaptive(adaptive, truth_next, steps=40):
+    for step in range(steps):
+        preds = adaptive.predict(2 * step, 0, torch.zeros(1, 4), torch.tensor([[0, 1]]))
+        adaptive.predict(2 * step + 1, 1, torch.zeros(1, 4), torch.tensor([truth_next]))
+    return preds
+
+
+def test_adaptive_trusts_the_component_that_is_right():
+    from activemoe.predictors import AdaptivePredictor
+
+    good = _Fixed("good", (3, 4, 5, 6), (0.45, 0.45, 0.05, 0.05))
+    bad = _Fixed("bad", (6, 7, 3, 4), (0.45, 0.45, 0.05, 0.05))
+    adaptive = AdaptivePredictor([good, bad], top_k=2, mass=0.8, warmup=4)
+    (pred,) = _run_adaptive(adaptive, [3, 4])
+    assert adaptive.recall("good", 1, 1) == 1.0 and adaptive.recall("bad", 1, 1) == 0.0
+    assert set(pred.experts[:2]) == {3, 4} and 2 <= pred.budget <= 4
+
+
+def test_adaptive_prefetches_nothing_when_no_component_is_reliable():
+    from activemoe.predictors import AdaptivePredictor
+
+    wrong = _Fixed("wrong", (6, 7, 3, 4), (0.45, 0.45, 0.05, 0.05))
+    adaptive = AdaptivePredictor([wrong], top_k=2, min_recall=0.3, warmup=4)
+    (pred,) = _run_adaptive(adaptive, [0, 1])
+    assert pred.budget == 0
+
+
+def test_parity_with_adaptive(checkpoint):
+    model_dir = checkpoint("mixtral")
+    ref = _reference(model_dir)
+    cfg = EngineConfig(cache=CacheConfig(num_slots=4, policy="slru"),
+                       prefetch=PrefetchConfig(predictor="adaptive", lookahead=2))
+    with activemoe.load(model_dir, cfg) as eng:
+        _assert_parity(ref, eng.model.generate(PROMPT, **GEN))

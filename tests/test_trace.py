@@ -88,7 +88,7 @@ def test_trace_cli_flow_and_bad_input(capsys, recorded, tmp_path):
     assert main(["predict-eval", "--model", str(model_dir), "--trace", str(path), "--predictor-file", str(out),
                  "--lookahead", "2", "--json", "--plot", str(tmp_path / "h.png")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(result["predictors"]) == {"pregate", "history", "learned"}
+    assert set(result["predictors"]) == {"pregate", "history", "learned", "adaptive"}
     assert (tmp_path / "h.png").stat().st_size > 1000
     other = activemoe.tiny.build_tiny_checkpoint("olmoe", tmp_path / "olmoe")
     assert_user_error(capsys, ["predict-eval", "--model", str(other), "--trace", str(path)], "another model")
