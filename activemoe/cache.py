@@ -132,6 +132,8 @@ class ExpertCache:
             priority = self.policy.priority(meta, self._clock)
             if best_priority is None or priority < best_priority:
                 best, best_priority = slot, priority
+                if self.policy.is_ideal(priority):
+                    break
         if best is None:
             raise NoEvictableSlot(f"all {self.num_slots} slots are pinned or loading")
         return best

@@ -5,6 +5,7 @@ The cache's evict loop never knows which policy runs (SGLang style). A policy se
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from activemoe.cache_meta import Segment, SlotMeta
@@ -23,6 +24,10 @@ class EvictionPolicy:
 
     def on_touch(self, slot: int, metas: list[SlotMeta]) -> None:
         pass
+
+    def is_ideal(self, priority: tuple) -> bool:
+        """No other slot can rank lower: the evict loop may stop scanning."""
+        return False
 
 
 class LRU(EvictionPolicy):
@@ -95,6 +100,9 @@ class Belady(EvictionPolicy):
 
     def may_evict(self, meta: SlotMeta, speculative: bool, due: int | None = None) -> bool:
         return not speculative or due is None or self.future(meta.expert) > due
+
+    def is_ideal(self, priority: tuple) -> bool:
+        return priority[0] == -math.inf  # never used again
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "lfru": LFRU, "slru": SLRU, "belady": Belady}

@@ -149,7 +149,7 @@ def model_ppl(model, chunks, batch_size: int = 8, hook=None) -> tuple[float, int
     nll, n = 0.0, 0
     with torch.no_grad():
         for b in range(0, len(chunks), batch_size):
-            batch = torch.stack(chunks[b : b + batch_size])
+            batch = torch.stack(chunks[b : b + batch_size]).to(next(model.parameters()).device)
             x, y = batch[:, :-1], batch[:, 1:]
             out = model(input_ids=x, use_cache=False, output_router_logits=hook is not None)
             if hook is not None:
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-max-tokens", type=int, default=131072, help="held-out tokens used for the card's perplexities")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    g.add_argument("--device", default=None,
+                   help="cpu or cuda (default: cuda when available, else cpu); on CUDA, raise --time-budget-min "
+                        "or --max-steps to train on more tokens")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--experts-impl", default=None, choices=["eager", "batched_mm", "grouped_mm"],
                    help="transformers experts kernel used for training only (default: transformers' default)")
@@ -339,7 +342,9 @@ def main(argv=None) -> int:
         pad_token_id=pad_id,
         use_cache=True,
     )
-    model = Qwen3MoeForCausalLM(config)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"device: {device}", flush=True)
+    model = Qwen3MoeForCausalLM(config).to(device)
     if args.experts_impl:
         model.set_experts_implementation(args.experts_impl)
     print(f"experts implementation: {model.config._experts_implementation}", flush=True)
@@ -369,7 +374,7 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         starts = torch.randint(0, len(data) - args.seq_len - 1, (args.batch_size,), generator=gen)
-        batch = torch.stack([data[s : s + args.seq_len + 1] for s in starts.tolist()])
+        batch = torch.stack([data[s : s + args.seq_len + 1] for s in starts.tolist()]).to(device)
         out = model(input_ids=batch[:, :-1], output_router_logits=True, use_cache=False)
         logits = out.logits.float()
         ce_t = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
@@ -414,7 +419,7 @@ def main(argv=None) -> int:
     try:
         save_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
         model.config.use_cache = True
-        model.to(save_dtype).save_pretrained(tmp, safe_serialization=True)
+        model.to("cpu", save_dtype).save_pretrained(tmp, safe_serialization=True)
         hf_tok = save_tokenizer(tok, tmp)
         GenerationConfig(
             bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
