@@ -96,6 +96,7 @@ class ExpertCache:
         self._clock += 1
         self.meta[slot] = SlotMeta(expert=eid, state=SlotState.LOADING, pin_count=1, last_use=self._clock,
                                    speculative=speculative)
+        self.policy.on_insert(self.meta[slot])
         self._slot_of[eid] = slot
         self.stats.loads += 1
         return slot, evicted

@@ -27,3 +27,4 @@ class SlotMeta:
     pin_count: int = 0  # > 0 while the layer being computed (or a critical load) needs the slot
     segment: Segment = Segment.COLD
     speculative: bool = False  # loaded on a prediction and not used yet
+    next_use: float = float("inf")  # future-knowing policies only: the next event that routes to the expert

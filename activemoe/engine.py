@@ -188,7 +188,7 @@ class Engine:
             self.runtime.predictor = OraclePredictor(trace, self.config.prefetch.lookahead)
             self.reset_cache()
             if self.config.cache.policy == "belady":
-                self.runtime.loader.cache.policy = Belady(self.runtime.predictor.next_use)
+                self.runtime.loader.cache.policy = Belady(self.runtime.predictor.next_use, self.runtime.predictor.now)
         return self._generate(prompt_ids, max_new_tokens, sampling, on_token)
 
     def _generate(self, prompt_ids, max_new_tokens, sampling, on_token) -> Generation:

@@ -25,6 +25,9 @@ class EvictionPolicy:
     def on_touch(self, slot: int, metas: list[SlotMeta]) -> None:
         pass
 
+    def on_insert(self, meta: SlotMeta) -> None:
+        pass
+
     def is_ideal(self, priority: tuple) -> bool:
         """No other slot can rank lower: the evict loop may stop scanning."""
         return False
@@ -87,19 +90,27 @@ class SLRU(EvictionPolicy):
 
 class Belady(EvictionPolicy):
     """Evicts the expert whose next use is farthest in the future; a speculative load evicts only an
-    expert needed later than itself. Needs the future: `future(expert) -> next use event` (the oracle
-    predictor's recorded routing, or the simulator's trace)."""
+    expert needed later than itself. Needs the future: `future(expert, after) -> first event > after
+    that routes to it` (the oracle predictor's recorded routing, or the simulator's trace), and
+    `now() -> current event`. A resident expert's next use only changes when it is used, so it is
+    kept on the slot (set on insert and on every touch) and the evict loop reads a field."""
 
     name = "belady"
 
-    def __init__(self, future: Callable[[ExpertId], float]):
-        self.future = future
+    def __init__(self, future: Callable[[ExpertId, int], float], now: Callable[[], int]):
+        self.future, self.now = future, now
 
     def priority(self, meta: SlotMeta, now: int) -> tuple:
-        return (-self.future(meta.expert),)
+        return (-meta.next_use,)
 
     def may_evict(self, meta: SlotMeta, speculative: bool, due: int | None = None) -> bool:
-        return not speculative or due is None or self.future(meta.expert) > due
+        return not speculative or due is None or meta.next_use > due
+
+    def on_insert(self, meta: SlotMeta) -> None:
+        meta.next_use = self.future(meta.expert, self.now() - 1)
+
+    def on_touch(self, slot: int, metas: list[SlotMeta]) -> None:
+        metas[slot].next_use = self.future(metas[slot].expert, self.now())
 
     def is_ideal(self, priority: tuple) -> bool:
         return priority[0] == -math.inf  # never used again

@@ -80,11 +80,14 @@ class OraclePredictor:
         self.diverged = False
         self.event = 0
 
-    def next_use(self, eid: ExpertId) -> float:
-        """The next event (from the current one on) that routes to `eid`; inf if none."""
+    def next_use(self, eid: ExpertId, after: int) -> float:
+        """The first event later than `after` that routes to `eid`; inf if none (or diverged)."""
         uses = self._uses.get(eid, ())
-        i = bisect.bisect_left(uses, self.event)
+        i = bisect.bisect_right(uses, after)
         return uses[i] if i < len(uses) and not self.diverged else math.inf
+
+    def now(self) -> int:
+        return self.event
 
     def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
         self.event = event

@@ -110,11 +110,11 @@ def test_belady_scripted_eviction_order():
     seq = [0, 1, 2, 0, 3, 0, 1, 2]
     state = {"now": 0}
 
-    def future(eid):
-        later = [i for i in range(state["now"], len(seq)) if seq[i] == eid.expert]
+    def future(eid, after):
+        later = [i for i in range(after + 1, len(seq)) if seq[i] == eid.expert]
         return later[0] if later else float("inf")
 
-    cache = ExpertCache(3, Belady(future))
+    cache = ExpertCache(3, Belady(future, lambda: state["now"]))
     evicted = []
     for i, n in enumerate(seq):
         state["now"] = i
@@ -136,10 +136,10 @@ def _misses(policy, seq, num_slots):
 def test_belady_never_misses_more_than_other_policies(seq, num_slots):
     state = {"now": 0}
 
-    def future(eid):
-        return next((i for i in range(state["now"], len(seq)) if seq[i] == eid.expert), float("inf"))
+    def future(eid, after):
+        return next((i for i in range(after + 1, len(seq)) if seq[i] == eid.expert), float("inf"))
 
-    cache = ExpertCache(num_slots, Belady(future))
+    cache = ExpertCache(num_slots, Belady(future, lambda: state["now"]))
     for i, n in enumerate(seq):
         state["now"] = i
         access(cache, E(n))
