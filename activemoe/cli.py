@@ -9,7 +9,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from activemoe.config import (DTYPES, EXPERTS_ON, CacheConfig, EngineConfig, LinkConfig, PrefetchConfig,
+from activemoe.config import (DTYPES, EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, LinkConfig, PrefetchConfig,
                               SamplingConfig, parse_size)
 from activemoe.errors import UserError
 from activemoe.policies import POLICIES
@@ -55,7 +55,45 @@ def _add_generate(sub) -> None:
     p.add_argument("--experts-on", default="device", choices=EXPERTS_ON,
                    help="where routed experts run: device (slots), host (host copies, llama.cpp --cpu-moe style), "
                         "auto (per miss, whichever a measured cost model says finishes sooner); default device")
+    p.add_argument("--routing", default="exact", choices=ROUTING,
+                   help="exact (default), or pregated: APPROXIMATE, opt-in — layer N+1 is routed by a decision "
+                        "made at layer N, so no load is late; it changes the output (see `activemoe perplexity`)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def _add_perplexity(sub) -> None:
+    p = sub.add_parser("perplexity", help="teacher-forced perplexity of a model over text (e.g. held-out)",
+                       description="Perplexity through ActiveMoE, exact or with --routing pregated: the quality "
+                                   "cost of the approximate mode, measured.")
+    p.add_argument("--model", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help="text file, one text per line")
+    source.add_argument("--split", choices=("heldout", "train"), help="a bundled-style model's corpus split")
+    p.add_argument("--routing", default="exact", choices=ROUTING)
+    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--seq-len", type=int, default=256)
+
+
+def cmd_perplexity(args) -> int:
+    from pathlib import Path
+
+    from activemoe import engine
+    from activemoe.trace import split_texts
+
+    if args.max_tokens < 2 or args.seq_len < 2:
+        raise UserError("--max-tokens and --seq-len must be at least 2")
+    with engine.load(args.model, EngineConfig(cache=CacheConfig(slot_fraction=1.0), routing=args.routing)) as eng:
+        if args.prompts:
+            path = Path(args.prompts)
+            if not path.is_file():
+                raise UserError(f"prompts file {path} does not exist")
+            texts = [line for line in path.read_text().splitlines() if line.strip()]
+        else:
+            texts = split_texts(Path(args.model), args.split)
+        ppl, tokens = eng.perplexity(_chunks(eng, texts, args.seq_len, args.max_tokens))
+    print(json.dumps({"model": args.model, "routing": args.routing, "perplexity": ppl, "tokens": tokens,
+                      "approximate": args.routing != "exact"}))
+    return 0
 
 
 def _prompt_ids(text: str) -> list[int]:
@@ -85,7 +123,7 @@ def cmd_generate(args) -> int:
                         expert_memory_bytes=parse_size(args.expert_memory) if args.expert_memory else None)
     if args.lookahead < 1:
         raise UserError("--lookahead must be at least 1")
-    config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache, store=args.store,
+    config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache, store=args.store, routing=args.routing,
                           experts_on=args.experts_on, link=LinkConfig(link_gbps=args.link_gbps),
                           prefetch=PrefetchConfig(predictor=args.predictor, lookahead=args.lookahead,
                                                   predictor_file=args.predictor_file))
@@ -114,7 +152,8 @@ def cmd_generate(args) -> int:
 
     out = eng.generate(ids, args.max_new_tokens, sampling, on_token=None if args.json else on_token)
     stats = {**{k: v for k, v in asdict(out.stats).items() if k != "per_token_s"}, "num_slots": eng.load_stats.num_slots, "total_experts": eng.load_stats.total_experts,
-             "device": str(eng.device), "link_gbps": args.link_gbps, "measured": "wall clock"}
+             "device": str(eng.device), "link_gbps": args.link_gbps, "measured": "wall clock",
+             "routing": args.routing + (" (approximate)" if args.routing != "exact" else "")}
     eng.close()
     if args.json:
         print(json.dumps({"token_ids": out.token_ids, "text": eng.decode(out.token_ids), "stats": stats}))
@@ -279,11 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_trace(sub)
     _add_predictor_commands(sub)
+    _add_perplexity(sub)
     return parser
 
 
 COMMANDS = {"generate": cmd_generate, "trace": cmd_trace, "train-predictor": cmd_train_predictor,
-            "predict-eval": cmd_predict_eval}
+            "predict-eval": cmd_predict_eval, "perplexity": cmd_perplexity}
 
 
 def main(argv: list[str] | None = None) -> int:

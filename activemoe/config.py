@@ -36,6 +36,7 @@ class LinkConfig:
 
 
 EXPERTS_ON = ("device", "host", "auto")
+ROUTING = ("exact", "pregated")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class EngineConfig:
     link: LinkConfig = field(default_factory=LinkConfig)
     store: str = "ram"  # slow tier: "ram" (host copies, pinned on CUDA) or "disk" (checkpoint reads, no page cache)
     experts_on: str = "device"  # where routed experts run: device slots, host copies, or auto (per miss, cost model)
+    routing: str = "exact"  # "exact", or "pregated" (approximate, opt-in: layer N+1 routed at layer N)
 
     @staticmethod
     def tiny(num_slots: int = 4, policy: str = "lru") -> EngineConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import time
 import weakref
@@ -20,14 +21,15 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from activemoe.cache import ExpertCache
-from activemoe.config import EXPERTS_ON, CacheConfig, EngineConfig, PrefetchConfig, SamplingConfig
+from activemoe.config import EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, PrefetchConfig, SamplingConfig
 from activemoe.errors import UserError
-from activemoe.families import (experts_classes, experts_without_weights, offloaded_modules, router_parts,
+from activemoe.families import (experts_classes, experts_without_weights, offloaded_modules, router_parts, routers,
                                 unsupported_message)
 from activemoe.hardware import profile_host_expert
 from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
 from activemoe.loader import Loader
 from activemoe.policies import FUTURE_POLICIES, Belady, make_policy
+from activemoe.pregated import PregatedRouting
 from activemoe.predictors import (PREDICTORS, AdaptivePredictor, HistoryPredictor, NoPredictor, OraclePredictor,
                                   PregatePredictor)
 from activemoe.runtime import IMPLEMENTATION, ExpertRuntime
@@ -152,6 +154,25 @@ class Engine:
         finally:
             self.runtime.recorder = None
         return recorder.trace(self.trace_meta())
+
+    @torch.inference_mode()
+    def perplexity(self, chunks: list[list[int]], on_progress=None) -> tuple[float, int]:
+        """Teacher-forced perplexity over token chunks (each predicts its own next tokens); returns
+        (perplexity, tokens predicted). Under --routing pregated this measures its quality cost."""
+        nll, count = 0.0, 0
+        for i, chunk in enumerate(chunks):
+            if len(chunk) < 2:
+                continue
+            self.runtime.begin()
+            ids = torch.tensor([chunk], device=self.device)
+            logits = self.model(ids, use_cache=False).logits[0, :-1].float()  # [L-1, V]
+            nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            count += len(chunk) - 1
+            if on_progress:
+                on_progress(i + 1, len(chunks))
+        if count == 0:
+            raise UserError("no tokens to score")
+        return math.exp(nll / count), count
 
     def reset_cache(self) -> None:
         """Empty all slots, so the next generation starts cold."""
@@ -306,7 +327,12 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     loader = Loader(store, slab, ExpertCache(num_slots, policy), PrefetchScheduler(prefetch.issue_window))
     first = next(iter(experts.values()))
     miss_cost = profile_host_expert(first, store) if config.experts_on == "auto" else None
-    runtime = ExpertRuntime(store, loader, _predictor(prefetch, model, experts, store.num_experts),
+    if config.routing == "pregated":
+        predictor = PregatedRouting({layer: r for layer, (r, _) in routers(model, experts).items()},
+                                    router_parts(model, experts))
+    else:
+        predictor = _predictor(prefetch, model, experts, store.num_experts)
+    runtime = ExpertRuntime(store, loader, predictor,
                             budget=prefetch.budget or None,
                             experts_on=config.experts_on, miss_cost=miss_cost)
     for layer, module in experts.items():
@@ -346,6 +372,11 @@ def _check_choices(config: EngineConfig) -> None:
         raise UserError(f"unknown predictor {p.predictor!r}; known: {', '.join(PREDICTORS)}")
     if p.lookahead < 1 or p.issue_window < 1 or p.chunk_bytes < 1:
         raise UserError("--lookahead, the issue window and the chunk size must be at least 1")
+    if config.routing not in ROUTING:
+        raise UserError(f"unknown --routing {config.routing!r}; known: {', '.join(ROUTING)}")
+    if config.routing == "pregated" and p.predictor != "none":
+        raise UserError("--routing pregated decides (and prefetches) the next layer's experts itself; "
+                        "use it without --predictor")
     if config.cache.policy in FUTURE_POLICIES and p.predictor != "oracle":
         raise UserError(f"--policy {config.cache.policy} needs the future: use it with --predictor oracle")
     if config.store not in TIERS:

@@ -156,12 +156,13 @@ class RouterParts:
     bias: torch.Tensor | None  # [E] router bias or score correction, if any
 
 
-def router_parts(model: torch.nn.Module, experts: dict[int, torch.nn.Module]) -> dict[int, RouterParts]:
-    """Per MoE layer, the router (a child of the MoE block with an [E, H] weight) and the decoder
-    layer's post-attention norm gain; generic over the families that follow transformers' layout."""
+def routers(model: torch.nn.Module, experts: dict[int, torch.nn.Module]
+            ) -> dict[int, tuple[torch.nn.Module, torch.nn.Module]]:
+    """Per MoE layer, (router, decoder layer): the router is the child of the MoE block with an [E, H]
+    weight; it returns (logits, top_k_weights, top_k_index) as transformers' routers do."""
     names = {module: name for name, module in model.named_modules()}
     modules = dict(model.named_modules())
-    parts = {}
+    out = {}
     for layer, module in experts.items():
         block_name = names[module].rsplit(".", 1)[0]
         block, decoder = modules[block_name], modules[block_name.rsplit(".", 1)[0]]
@@ -170,6 +171,14 @@ def router_parts(model: torch.nn.Module, experts: dict[int, torch.nn.Module]) ->
                        and tuple(m.weight.shape) == (num_experts, hidden)), None)
         if router is None:
             raise UserError(f"layer {layer}: no router with an [{num_experts}, {hidden}] weight found for pre-gating")
+        out[layer] = (router, decoder)
+    return out
+
+
+def router_parts(model: torch.nn.Module, experts: dict[int, torch.nn.Module]) -> dict[int, RouterParts]:
+    """Per MoE layer, the router's weights and the decoder layer's post-attention norm gain."""
+    parts = {}
+    for layer, (router, decoder) in routers(model, experts).items():
         norm = getattr(decoder, "post_attention_layernorm", None)
         norm_weight = getattr(norm, "weight", None)
         bias = getattr(router, "bias", None)
