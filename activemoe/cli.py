@@ -74,6 +74,51 @@ def _add_perplexity(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256)
 
 
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="measure this machine for a model: bandwidths and expert compute time",
+                       description="Detect the device; measure host copy, pinned and pageable host-to-device "
+                                   "bandwidth (CUDA), checkpoint read bandwidth with the page cache dropped, and "
+                                   "one expert's compute time on host and device for the model's expert shape; "
+                                   "recommend --experts-on; save it all as JSON.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--out", help="write the profile JSON here (atomically)")
+
+
+def cmd_profile(args) -> int:
+    from pathlib import Path
+
+    from activemoe import engine, hardware
+
+    if args.out and not Path(args.out).parent.is_dir():
+        raise UserError(f"cannot write {args.out}: its directory does not exist")
+    config = EngineConfig(device=args.device, dtype=args.dtype, store="disk",
+                          cache=CacheConfig(slot_fraction=0.0))
+    with engine.load(args.model, config) as eng:
+        module = next(m for m in eng.model.modules() if hasattr(m, "_activemoe_layer"))
+        result = hardware.profile(module, eng.runtime.store, eng.device)
+    if args.out:
+        result.save(args.out)
+    print(f"profile (measured, wall clock) of {result.device} on {result.host}, {result.dtype} experts of "
+          f"{result.expert_bytes / 2**20:.2f} MiB")
+    rows = [("host memcpy", f"{result.host_copy_gbps:.2f} GB/s"),
+            ("H2D pinned / pageable", "n/a (no CUDA device)" if result.h2d_pinned_gbps is None else
+             f"{result.h2d_pinned_gbps:.2f} / {result.h2d_pageable_gbps:.2f} GB/s"),
+            ("checkpoint read, page cache dropped", f"{result.disk_read_gbps:.2f} GB/s"),
+            ("one expert on the host (1/8/64 tokens)", " / ".join(f"{v:.3f}" for v in result.expert_host_ms.values())
+             + " ms"),
+            ("one expert on the device (1/8/64 tokens)", "n/a" if result.expert_device_ms is None else
+             " / ".join(f"{v:.3f}" for v in result.expert_device_ms.values()) + " ms"),
+            ("recommended --experts-on", f"{result.recommend_experts_on}: {result.reason}")]
+    for name, value in rows:
+        print(f"  {name:<42} {value}")
+    from dataclasses import asdict
+
+    print(json.dumps(asdict(result)))
+    return 0
+
+
 def cmd_perplexity(args) -> int:
     from pathlib import Path
 
@@ -319,11 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace(sub)
     _add_predictor_commands(sub)
     _add_perplexity(sub)
+    _add_profile(sub)
     return parser
 
 
 COMMANDS = {"generate": cmd_generate, "trace": cmd_trace, "train-predictor": cmd_train_predictor,
-            "predict-eval": cmd_predict_eval, "perplexity": cmd_perplexity}
+            "predict-eval": cmd_predict_eval, "perplexity": cmd_perplexity,
+            "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:

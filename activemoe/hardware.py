@@ -1,10 +1,16 @@
-"""hardware.py measures this machine: the costs that the miss-handling decision needs.
+"""hardware.py measures this machine: link and disk bandwidth, and expert compute time for a model's
+expert shape. The miss-handling decision uses the host timing; `activemoe profile` saves it all.
 
 (Hardware and model-shape presets for the simulator come with the simulator issue.)
 """
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -12,20 +18,117 @@ from activemoe.ids import ExpertId
 from activemoe.runtime import MissCostModel, expert_forward
 from activemoe.store import ExpertStore
 
+TOKENS = (1, 8, 64)
+
+
+@dataclass(frozen=True)
+class Profile:
+    device: str  # "cpu" or the CUDA device's name
+    device_memory_bytes: int | None
+    host: str
+    dtype: str
+    expert_bytes: int
+    host_copy_gbps: float  # host-to-host memcpy (what an emulated link costs the CPU)
+    h2d_pinned_gbps: float | None  # CUDA only
+    h2d_pageable_gbps: float | None  # CUDA only
+    disk_read_gbps: float  # expert reads from the checkpoint with the page cache dropped first
+    expert_host_ms: dict[str, float]  # tokens -> ms for one expert on the host
+    expert_device_ms: dict[str, float] | None  # CUDA only
+    recommend_experts_on: str
+    reason: str
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def _time(fn, repeats: int, sync=lambda: None) -> float:
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def copy_gbps(src: torch.Tensor, dst: torch.Tensor, repeats: int = 10) -> float:
+    sync = torch.cuda.synchronize if dst.is_cuda else (lambda: None)
+    seconds = _time(lambda: dst.copy_(src, non_blocking=True), repeats, sync)
+    return src.numel() * src.element_size() / seconds / 1e9
+
+
+def expert_ms(module: torch.nn.Module, weights: dict[str, torch.Tensor], hidden: int, dtype: torch.dtype,
+              device: torch.device, repeats: int = 20) -> dict[str, float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = {}
+    with torch.inference_mode():
+        for tokens in TOKENS:
+            x = torch.randn(tokens, hidden, dtype=dtype, device=device)
+            out[str(tokens)] = 1e3 * _time(lambda: expert_forward(module, weights, x), repeats, sync)
+    return out
+
+
+def disk_read_gbps(store: ExpertStore, max_experts: int = 32) -> float:
+    """Read experts straight from the checkpoint after dropping its pages from the page cache."""
+    for path in store.index.files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    eids = store.experts()[:: max(1, len(store.experts()) // max_experts)][:max_experts]
+    start = time.perf_counter()
+    for eid in eids:
+        store.read_from_checkpoint(eid)
+    return len(eids) * store.expert_bytes / (time.perf_counter() - start) / 1e9
+
+
+def _hidden_size(store: ExpertStore) -> int:
+    first = next(iter(store.spec.shapes.values()))
+    return first[0] if store.spec.is_transposed else first[-1]
+
 
 def profile_host_expert(module: torch.nn.Module, store: ExpertStore, repeats: int = 20) -> MissCostModel:
     """Measured host time of one expert of `module`'s shape on 1 and 8 tokens; a linear fit of the two."""
     weights = store.read(ExpertId(store.layers[0], 0))
-    width = next(iter(store.spec.shapes.values()))
-    hidden = width[0] if store.spec.is_transposed else width[-1]
-    timings = {}
-    with torch.inference_mode():
-        for tokens in (1, 8):
-            x = torch.randn(tokens, hidden, dtype=store.dtype)
-            expert_forward(module, weights, x)  # warm-up
-            start = time.perf_counter()
-            for _ in range(repeats):
-                expert_forward(module, weights, x)
-            timings[tokens] = (time.perf_counter() - start) / repeats
-    per_token = max(0.0, (timings[8] - timings[1]) / 7)
-    return MissCostModel(host_base_s=max(0.0, timings[1] - per_token), host_per_token_s=per_token)
+    ms = expert_ms(module, weights, _hidden_size(store), store.dtype, torch.device("cpu"), repeats)
+    per_token = max(0.0, (ms["8"] - ms["1"]) / 7 / 1e3)
+    return MissCostModel(host_base_s=max(0.0, ms["1"] / 1e3 - per_token), host_per_token_s=per_token)
+
+
+def profile(module: torch.nn.Module, store: ExpertStore, device: torch.device) -> Profile:
+    """Measure this machine for one model (its expert shape and dtype) on `device`."""
+    host_weights = store.read_from_checkpoint(ExpertId(store.layers[0], 0))
+    hidden = _hidden_size(store)
+    buf = torch.empty(64 * 2**20, dtype=torch.uint8)
+    host_copy = copy_gbps(buf, torch.empty_like(buf))
+    pinned = pageable = device_ms = None
+    memory, name = None, "cpu"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name, memory = props.name, props.total_memory
+        target = torch.empty_like(buf, device=device)
+        pinned = copy_gbps(buf.pin_memory(), target)
+        pageable = copy_gbps(buf, target)
+        device_ms = expert_ms(module, {k: v.to(device) for k, v in host_weights.items()}, hidden, store.dtype, device)
+    host_ms = expert_ms(module, host_weights, hidden, store.dtype, torch.device("cpu"))
+    link = pinned if pinned else host_copy
+    transfer_ms = store.expert_bytes / (link * 1e9) * 1e3
+    if device.type == "cpu":
+        choice, reason = "host", "the compute device is the host: experts need no transfer at all"
+    elif host_ms["1"] < transfer_ms:
+        choice = "auto"
+        reason = (f"one expert on the host takes {host_ms['1']:.2f} ms for 1 token, less than its "
+                  f"{transfer_ms:.2f} ms transfer: compute late misses on the host")
+    else:
+        choice = "device"
+        reason = f"a transfer ({transfer_ms:.2f} ms) beats host compute ({host_ms['1']:.2f} ms)"
+    return Profile(device=name, device_memory_bytes=memory, host=f"{platform.machine()}, {os.cpu_count()} cores",
+                   dtype=str(store.dtype).removeprefix("torch."), expert_bytes=store.expert_bytes,
+                   host_copy_gbps=host_copy, h2d_pinned_gbps=pinned, h2d_pageable_gbps=pageable,
+                   disk_read_gbps=disk_read_gbps(store), expert_host_ms=host_ms, expert_device_ms=device_ms,
+                   recommend_experts_on=choice, reason=reason)
+
