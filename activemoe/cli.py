@@ -36,6 +36,9 @@ def _add_generate(sub) -> None:
     slots = p.add_mutually_exclusive_group()
     slots.add_argument("--cache-experts", type=int, help="expert slots on the device (default: 25%% of all experts)")
     slots.add_argument("--expert-memory", help="memory for expert slots, e.g. 2GiB; sets the slot count")
+    slots.add_argument("--gpu-memory", help="device budget, e.g. 12GiB: the planner reserves resident weights, the "
+                                            "KV cache at --context, activations and workspace; slots get the rest")
+    p.add_argument("--context", type=int, default=4096, help="context length the planner reserves KV cache for")
     p.add_argument("--policy", default="lru", choices=sorted(POLICIES),
                    help="eviction policy: lru, lfu, lfru (decayed frequency), slru (hot/cold segments), belady (future knowledge, with --predictor oracle only); default lru")
     p.add_argument("--predictor", default="none", choices=PREDICTORS,
@@ -72,6 +75,33 @@ def _add_perplexity(sub) -> None:
     p.add_argument("--routing", default="exact", choices=ROUTING)
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=256)
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="show how a device-memory budget would be split for a model",
+                       description="Plan a device budget: resident (non-expert) weights, KV cache at --context, "
+                                   "activations and workspace, then as many expert slots as fit; refuse with the "
+                                   "minimum when the budget is too small. Nothing is loaded.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--gpu-memory", required=True, help="e.g. 12GiB")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--device", default="cuda", help="cuda (reserves 256 MiB workspace) or cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+
+
+def cmd_plan(args) -> int:
+    from dataclasses import asdict
+
+    from activemoe.engine import memory_plan
+
+    config = EngineConfig(device=args.device, dtype=args.dtype,
+                          cache=CacheConfig(device_memory_bytes=parse_size(args.gpu_memory), context_tokens=args.context))
+    result = memory_plan(args.model, config)
+    print(f"memory plan for {args.model} ({args.dtype}, {args.device}):")
+    for name, value in result.rows():
+        print(f"  {name:<34} {value}")
+    print(json.dumps(asdict(result)))
+    return 0
 
 
 def _add_profile(sub) -> None:
@@ -165,7 +195,9 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     cache = CacheConfig(num_slots=args.cache_experts, policy=args.policy,
-                        expert_memory_bytes=parse_size(args.expert_memory) if args.expert_memory else None)
+                        expert_memory_bytes=parse_size(args.expert_memory) if args.expert_memory else None,
+                        device_memory_bytes=parse_size(args.gpu_memory) if args.gpu_memory else None,
+                        context_tokens=args.context)
     if args.lookahead < 1:
         raise UserError("--lookahead must be at least 1")
     config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache, store=args.store, routing=args.routing,
@@ -365,12 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predictor_commands(sub)
     _add_perplexity(sub)
     _add_profile(sub)
+    _add_plan(sub)
     return parser
 
 
 COMMANDS = {"generate": cmd_generate, "trace": cmd_trace, "train-predictor": cmd_train_predictor,
             "predict-eval": cmd_predict_eval, "perplexity": cmd_perplexity,
-            "profile": cmd_profile}
+            "profile": cmd_profile, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

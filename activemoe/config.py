@@ -16,7 +16,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 class CacheConfig:
     num_slots: int | None = None  # expert slots on the compute device; None: see slot_fraction
     expert_memory_bytes: int | None = None  # alternative to num_slots: bytes for the slot slab
-    slot_fraction: float = 0.25  # default when neither is given: this share of all routed experts
+    device_memory_bytes: int | None = None  # a device budget: the planner gives what remains to slots
+    context_tokens: int = 4096  # KV cache the planner reserves for
+    slot_fraction: float = 0.25  # default when no size is given: this share of all routed experts
     policy: str = "lru"  # key of policies.POLICIES
 
 

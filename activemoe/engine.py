@@ -29,6 +29,7 @@ from activemoe.hardware import profile_host_expert
 from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
 from activemoe.loader import Loader
 from activemoe.policies import FUTURE_POLICIES, Belady, make_policy
+from activemoe.plan import MemoryPlan, ModelShape, kv_bytes_per_token, plan
 from activemoe.pregated import PregatedRouting
 from activemoe.predictors import (PREDICTORS, AdaptivePredictor, HistoryPredictor, NoPredictor, OraclePredictor,
                                   PregatePredictor)
@@ -260,6 +261,49 @@ def num_slots_for(cache: CacheConfig, total_experts: int, expert_bytes: int, top
     return min(slots, total_experts)
 
 
+def model_shape(model_dir: str | Path, dtype_name: str = "float32") -> ModelShape:
+    """The planner's view of a checkpoint: the model built on the meta device (no memory), experts
+    stripped as the loader strips them, so resident bytes and expert shapes are exact."""
+    model_dir = model_dir_of(model_dir)
+    dtype = getattr(torch, dtype_name)
+    hf_config = _config(model_dir)
+    classes = _experts_classes(hf_config)
+    with experts_without_weights(classes), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    experts = offloaded_modules(model)
+    if not experts:
+        raise UserError(f"{model_dir} has no MoE layers with routed experts ({unsupported_message(hf_config.model_type)})")
+    spec = next(iter(experts.values()))._activemoe_spec
+    tied = {id(p) for p in model.parameters()}
+    resident = sum(p.numel() for p in model.parameters()) * dtype.itemsize + sum(
+        b.numel() * b.element_size() for b in model.buffers() if id(b) not in tied)
+    expert_bytes = sum(math.prod(s) for s in spec.shapes.values()) * dtype.itemsize
+    return ModelShape(resident_bytes=resident, expert_bytes=expert_bytes, total_experts=len(experts) * spec.num_experts,
+                      top_k=_top_k(hf_config), kv_bytes_per_token=kv_bytes_per_token(hf_config, dtype.itemsize),
+                      hidden_size=hf_config.hidden_size, vocab_size=hf_config.vocab_size, dtype_bytes=dtype.itemsize)
+
+
+def memory_plan(model_dir: str | Path, config: EngineConfig) -> MemoryPlan:
+    workspace = 256 * 2**20 if config.device.startswith("cuda") else 0  # allocator and cuBLAS workspace
+    return plan(model_shape(model_dir, config.dtype), config.cache.device_memory_bytes,
+                config.cache.context_tokens, workspace_bytes=workspace)
+
+
+def _config(model_dir: Path):
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read {model_dir / 'config.json'}: {e}") from None
+
+
+def _experts_classes(hf_config) -> list[type]:
+    model_class = AutoModelForCausalLM._model_mapping.get(type(hf_config), None)
+    classes = experts_classes(model_class) if model_class is not None else []
+    if not classes:
+        raise UserError(unsupported_message(hf_config.model_type))
+    return classes
+
+
 def _top_k(config) -> int:
     for name in _TOP_K_FIELDS:
         value = getattr(config, name, None)
@@ -286,15 +330,10 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     dtype = getattr(torch, config.dtype)
     policy = make_policy(config.cache.policy)
     _check_choices(config)
-    try:
-        hf_config = AutoConfig.from_pretrained(model_dir)
-    except (ValueError, OSError) as e:
-        raise UserError(f"cannot read {model_dir / 'config.json'}: {e}") from None
-    model_class = AutoModelForCausalLM._model_mapping.get(type(hf_config), None)
-    classes = experts_classes(model_class) if model_class is not None else []
-    if not classes:
-        raise UserError(unsupported_message(hf_config.model_type))
+    hf_config = _config(model_dir)
+    classes = _experts_classes(hf_config)
     index = CheckpointIndex(model_dir)
+    budget = memory_plan(model_dir, config) if config.cache.device_memory_bytes is not None else None
 
     verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # the skipped expert keys would be reported as "unused"
@@ -319,7 +358,7 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
                         pin=device.type == "cuda", tier=config.store)
     top_k = _top_k(hf_config)
     total = len(store.experts())
-    num_slots = num_slots_for(config.cache, total, store.expert_bytes, top_k)
+    num_slots = budget.num_slots if budget else num_slots_for(config.cache, total, store.expert_bytes, top_k)
     store.preload(on_progress)
     prefetch = config.prefetch
     slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, EmulatedLink(config.link.link_gbps),
@@ -343,7 +382,9 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
                       slab_bytes=slab.nbytes, num_slots=num_slots, total_experts=total,
                       expert_bytes=store.expert_bytes, load_s=time.perf_counter() - start)
     log.info("loaded %s: %s", model_dir, asdict(stats))
-    return Engine(model, tokenizer, runtime, stats, top_k, config)
+    engine = Engine(model, tokenizer, runtime, stats, top_k, config)
+    engine.plan = budget
+    return engine
 
 
 def _predictor(prefetch: PrefetchConfig, model, experts: dict, num_experts: int):
