@@ -153,19 +153,11 @@ def cmd_perplexity(args) -> int:
     from pathlib import Path
 
     from activemoe import engine
-    from activemoe.trace import split_texts
 
     if args.max_tokens < 2 or args.seq_len < 2:
         raise UserError("--max-tokens and --seq-len must be at least 2")
     with engine.load(args.model, EngineConfig(cache=CacheConfig(slot_fraction=1.0), routing=args.routing)) as eng:
-        if args.prompts:
-            path = Path(args.prompts)
-            if not path.is_file():
-                raise UserError(f"prompts file {path} does not exist")
-            texts = [line for line in path.read_text().splitlines() if line.strip()]
-        else:
-            texts = split_texts(Path(args.model), args.split)
-        ppl, tokens = eng.perplexity(_chunks(eng, texts, args.seq_len, args.max_tokens))
+        ppl, tokens = eng.perplexity(_chunks(eng, _texts(args), args.seq_len, args.max_tokens))
     print(json.dumps({"model": args.model, "routing": args.routing, "perplexity": ppl, "tokens": tokens,
                       "approximate": args.routing != "exact"}))
     return 0
@@ -281,6 +273,20 @@ def _add_predictor_commands(sub) -> None:
     e.add_argument("--json", action="store_true", help="print only the JSON line")
 
 
+def _texts(args) -> list[str]:
+    """The texts of --prompts FILE (one per line) or of --split heldout|train."""
+    from pathlib import Path
+
+    from activemoe.trace import split_texts
+
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise UserError(f"prompts file {path} does not exist")
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    return split_texts(Path(args.model), args.split)
+
+
 def _chunks(eng, texts: list[str], seq_len: int, max_tokens: int) -> list[list[int]]:
     ids: list[int] = []
     for text in texts:
@@ -297,7 +303,6 @@ def cmd_trace(args) -> int:
     from pathlib import Path
 
     from activemoe import engine
-    from activemoe.trace import split_texts
 
     if args.max_tokens < 1 or args.seq_len < 1:
         raise UserError("--max-tokens and --seq-len must be at least 1")
@@ -305,14 +310,7 @@ def cmd_trace(args) -> int:
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: directory {out.parent} does not exist")
     with engine.load(args.model, EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng:
-        if args.prompts:
-            path = Path(args.prompts)
-            if not path.is_file():
-                raise UserError(f"prompts file {path} does not exist")
-            texts = [line for line in path.read_text().splitlines() if line.strip()]
-        else:
-            texts = split_texts(Path(args.model), args.split)
-        trace = eng.record_trace(_chunks(eng, texts, args.seq_len, args.max_tokens), keep_hidden=args.hidden)
+        trace = eng.record_trace(_chunks(eng, _texts(args), args.seq_len, args.max_tokens), keep_hidden=args.hidden)
     trace.save(out)
     print(json.dumps({"trace": str(out), "rows": int(trace.layer.numel()), "tokens": int(trace.token.max()) + 1,
                       "hidden": trace.hidden is not None, "shape_id": trace.meta["shape_id"]}))
