@@ -187,9 +187,9 @@ class Loader:
                 slot, _ = self.cache.allocate(task.eid, speculative=not task.critical,
                                               protected=self.scheduler.protected_set() - {task.eid}, due=task.due)
             except NoEvictableSlot:
-                if not task.critical:
-                    self.scheduler.drop(task)  # never force a speculative load in
-                continue  # a critical load waits for an unpin; work in flight may still progress
+                # Never force a load in: it waits (queued, cancellable) until a slot may be evicted;
+                # a speculative one is dropped once its layer has routed. Work in flight may progress.
+                continue
             self.scheduler.start(task, slot)
             return task
         return None

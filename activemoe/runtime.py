@@ -104,11 +104,13 @@ class ExpertRuntime:
         self.event = 0
         self.recall: dict[int, tuple[int, int]] = {}  # distance -> (named and routed, routed)
         self._predicted: dict[int, dict[int, set[int]]] = {}  # event -> distance -> experts named for it
+        self._sent: dict[int, set[ExpertId]] = {}  # event -> experts already handed to the loader for it
 
     def begin(self) -> None:
         """A new generation: events restart at 0."""
         self.event = 0
         self._predicted.clear()
+        self._sent.clear()
         self.predictor.begin()
 
     def forward(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -136,10 +138,15 @@ class ExpertRuntime:
         self._score(event, routed, decode=top_k_index.shape[0] == 1)
         budget = self.budget or top_k_index.shape[-1]
         predicted = []
+        for due in [d for d in self._sent if d <= event]:
+            del self._sent[due]
         for p in predictions:
             experts = p.experts[:budget if p.budget is None else p.budget]
-            self._predicted.setdefault(event + p.distance, {})[p.distance] = set(experts)
-            predicted += [(ExpertId(p.layer, e), event + p.distance, prob) for e, prob in zip(experts, p.probs)]
+            due = event + p.distance
+            self._predicted.setdefault(due, {})[p.distance] = set(experts)
+            sent = self._sent.setdefault(due, set())  # the loader keeps what it was told: tell it once
+            predicted += [(eid, due, prob) for e, prob in zip(experts, p.probs)
+                          if (eid := ExpertId(p.layer, e)) not in sent and not sent.add(eid)]
         ready, waiting = self.loader.begin_layer(event, [ExpertId(layer, e) for e in routed], predicted)
         self.stats.hits += sum(counts[eid.expert] for eid, _ in ready)
         pending = set(waiting)
