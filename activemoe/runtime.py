@@ -7,7 +7,6 @@ Legend: T tokens, K routed per token, H hidden, I expert width.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, fields
 
 import torch

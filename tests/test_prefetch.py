@@ -3,8 +3,6 @@
 import threading
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 import activemoe
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig, SamplingConfig

@@ -1,6 +1,5 @@
 """Runtime faults: a failing expert read is a clear error and leaves the runtime usable."""
 import pytest
-import torch
 
 import activemoe
 from activemoe.cache_meta import SlotState
