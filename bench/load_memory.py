@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 PROBE = r"""
 import json, re, sys, torch
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--expert-width", type=int, default=512)
     parser.add_argument("--slot-fraction", type=float, default=0.25)
+    parser.add_argument("--out", help="also write the JSON result here (atomically)")
     args = parser.parse_args()
 
     from safetensors import safe_open
@@ -89,11 +92,18 @@ def main() -> None:
           f"hidden {args.hidden}, expert width {args.expert_width}")
     for name, value, note in rows:
         print(f"{name:<56} {value / mib:9.1f} MiB  {note or ''}")
-    print(json.dumps({"bench": "load_memory", "measured": True, "expert_bytes": expert_bytes,
+    line = json.dumps({"bench": "load_memory", "measured": True, "expert_bytes": expert_bytes,
+                       "layers": args.layers, "experts": args.experts, "hidden": args.hidden,
+                       "expert_width": args.expert_width, "slots": slots,
                       "non_expert_bytes": other_bytes, "plain_load_rss": plain["loaded"] - base,
                       "activemoe_model_load_rss": ours["model"] - base, "slab_bytes": ours["slab"],
                       "host_store_bytes": ours["host_store"], "activemoe_total_rss": ours["loaded"] - base,
-                      "activemoe_current_rss": ours["current"] - base, "plain_current_rss": plain["current"] - base}))
+                      "activemoe_current_rss": ours["current"] - base, "plain_current_rss": plain["current"] - base})
+    print(line)
+    if args.out:
+        tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
+        tmp.write_text(line + "\n")
+        os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":
