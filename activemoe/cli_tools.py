@@ -7,6 +7,7 @@ import json
 
 from activemoe.config import DTYPES, ROUTING, CacheConfig, EngineConfig, SamplingConfig, parse_size
 from activemoe.errors import UserError
+from activemoe.families import offloaded_modules, router_parts
 
 
 def _add_perplexity(sub) -> None:
@@ -71,7 +72,7 @@ def cmd_profile(args) -> int:
     config = EngineConfig(device=args.device, dtype=args.dtype, store="disk",
                           cache=CacheConfig(slot_fraction=0.0))
     with engine.load(args.model, config) as eng:
-        module = next(m for m in eng.model.modules() if hasattr(m, "_activemoe_layer"))
+        module = next(iter(offloaded_modules(eng.model).values()))
         result = hardware.profile(module, eng.runtime.store, eng.device)
     if args.out:
         result.save(args.out)
@@ -193,7 +194,6 @@ def cmd_trace(args) -> int:
 
 def cmd_train_predictor(args) -> int:
     from activemoe import engine
-    from activemoe.families import router_parts
     from activemoe.learned import save_heads, train_heads
     from activemoe.trace import load_trace
 
@@ -202,7 +202,7 @@ def cmd_train_predictor(args) -> int:
     if args.model:
         with engine.load(args.model, EngineConfig()) as eng:
             trace.check_model(eng.shape_id)
-            routers = router_parts(eng.model, {m._activemoe_layer: m for m in _experts(eng)})
+            routers = router_parts(eng.model, offloaded_modules(eng.model))
     heads = train_heads(trace, args.lookahead, routers, epochs=args.epochs)
     meta = {k: trace.meta[k] for k in ("model_type", "num_experts", "top_k", "hidden_size", "layers", "shape_id")}
     save_heads(args.out, heads, {**meta, "lookahead": str(args.lookahead)})
@@ -210,16 +210,11 @@ def cmd_train_predictor(args) -> int:
     return 0
 
 
-def _experts(eng):
-    return [m for m in eng.model.modules() if hasattr(m, "_activemoe_layer")]
-
-
 def cmd_predict_eval(args) -> int:
     from pathlib import Path
 
     from activemoe import engine
     from activemoe.evaluation import evaluate, heatmap
-    from activemoe.families import router_parts
     from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
     from activemoe.predictors import AdaptivePredictor, HistoryPredictor, PregatePredictor
     from activemoe.trace import load_trace
@@ -227,7 +222,7 @@ def cmd_predict_eval(args) -> int:
     trace = load_trace(args.trace)
     with engine.load(args.model, EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng:
         trace.check_model(eng.shape_id)
-        experts = {m._activemoe_layer: m for m in _experts(eng)}
+        experts = offloaded_modules(eng.model)
         layers, budget = sorted(experts), args.budget or eng.top_k
         predictors = [PregatePredictor(router_parts(eng.model, experts), args.lookahead),
                       HistoryPredictor(layers, trace.num_experts, args.lookahead)]

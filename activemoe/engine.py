@@ -131,9 +131,7 @@ class Engine:
 
     @property
     def shape_id(self) -> str:
-        c = self.model.config
-        return shape_id(c.model_type, self.runtime.store.layers, self.runtime.store.num_experts, self.top_k,
-                        c.hidden_size)
+        return _shape_id(self.model.config, self.runtime.store.layers, self.runtime.store.num_experts)
 
     def trace_meta(self) -> dict[str, str]:
         c = self.model.config
@@ -204,14 +202,23 @@ class Engine:
             if sampling.seed is None and sampling.do_sample is not False:
                 sampling = SamplingConfig(sampling.do_sample, sampling.temperature, sampling.top_p,
                                           seed=int(torch.randint(2**31, ()).item()))
-            self.runtime.trace = []
-            self._generate(prompt_ids, max_new_tokens, sampling, None)
-            trace, self.runtime.trace = self.runtime.trace, None
-            self.runtime.predictor = OraclePredictor(trace, self.config.prefetch.lookahead)
+            events = self.routing_of(prompt_ids, max_new_tokens, sampling)
+            self.runtime.predictor = OraclePredictor(events, self.config.prefetch.lookahead)
             self.reset_cache()
             if self.config.cache.policy == "belady":
                 self.runtime.loader.cache.policy = Belady(self.runtime.predictor.next_use, self.runtime.predictor.now)
         return self._generate(prompt_ids, max_new_tokens, sampling, on_token)
+
+    def routing_of(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig
+                   ) -> list[tuple[int, tuple[int, ...]]]:
+        """Generate once and return the routing of every MoE-layer call, in order (the oracle's input)."""
+        recorder = Recorder(self.runtime.store.layers[0], keep_hidden=False)
+        self.runtime.recorder = recorder
+        try:
+            self._generate(prompt_ids, max_new_tokens, sampling, None)
+        finally:
+            self.runtime.recorder = None
+        return recorder.events()
 
     def _generate(self, prompt_ids, max_new_tokens, sampling, on_token) -> Generation:
         if sampling.seed is not None:
@@ -393,18 +400,29 @@ def _predictor(prefetch: PrefetchConfig, model, experts: dict, num_experts: int)
         return PregatePredictor(router_parts(model, experts), prefetch.lookahead)
     if prefetch.predictor == "history":
         return HistoryPredictor(list(experts), num_experts, prefetch.lookahead)
-    c = model.config
-    sidecar = Path(prefetch.predictor_file) if prefetch.predictor_file else Path(c.name_or_path) / SIDECAR
-    expected = shape_id(c.model_type, list(experts), num_experts, _top_k(c), c.hidden_size)
     if prefetch.predictor == "learned":
-        return LearnedPredictor(load_heads(sidecar, expected), list(experts), prefetch.lookahead)
+        return _learned(prefetch, model, list(experts), num_experts)
     if prefetch.predictor == "adaptive":
         components = [PregatePredictor(router_parts(model, experts), prefetch.lookahead),
                       HistoryPredictor(list(experts), num_experts, prefetch.lookahead)]
-        if sidecar.is_file():
-            components.append(LearnedPredictor(load_heads(sidecar, expected), list(experts), prefetch.lookahead))
-        return AdaptivePredictor(components, _top_k(c))
+        learned = _learned(prefetch, model, list(experts), num_experts, required=False)
+        return AdaptivePredictor(components + ([learned] if learned else []), _top_k(model.config))
     return NoPredictor()
+
+
+def _learned(prefetch: PrefetchConfig, model, layers: list[int], num_experts: int,
+             required: bool = True) -> LearnedPredictor | None:
+    """Learned heads from --predictor-file or the model directory's sidecar (None if optional and absent)."""
+    c = model.config
+    sidecar = Path(prefetch.predictor_file) if prefetch.predictor_file else Path(c.name_or_path) / SIDECAR
+    if not required and not sidecar.is_file():
+        return None
+    return LearnedPredictor(load_heads(sidecar, _shape_id(c, layers, num_experts)), layers, prefetch.lookahead)
+
+
+def _shape_id(config, layers: list[int], num_experts: int) -> str:
+    """What ties traces and predictor files to a model: family, MoE layers, experts, top-k, hidden size."""
+    return shape_id(config.model_type, layers, num_experts, _top_k(config), config.hidden_size)
 
 
 def _check_choices(config: EngineConfig) -> None:

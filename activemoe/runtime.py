@@ -15,7 +15,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 
 from activemoe.ids import ExpertId
 from activemoe.loader import Loader
-from activemoe.predictors import NoPredictor, Predictor, Routing
+from activemoe.predictors import NoPredictor, Predictor
 from activemoe.store import ExpertStore
 
 IMPLEMENTATION = "activemoe"
@@ -98,7 +98,6 @@ class ExpertRuntime:
         self.predictor = predictor or NoPredictor()
         self.budget, self.experts_on, self.miss_cost = budget, experts_on, miss_cost
         self.stats = RuntimeStats()
-        self.trace: list[Routing] | None = None  # set to [] to record the routing of the next calls
         self.recorder = None  # a trace.Recorder, called with every layer's routing (and hidden state)
         self.event = 0
         self.recall: dict[int, tuple[int, int]] = {}  # distance -> (named and routed, routed)
@@ -119,8 +118,6 @@ class ExpertRuntime:
         routed = top_k_index.unique().tolist()
         counts = torch.bincount(top_k_index.reshape(-1), minlength=max(routed) + 1).tolist()
         self.stats.activations += top_k_index.numel()
-        if self.trace is not None:
-            self.trace.append((layer, tuple(routed)))
         if self.recorder is not None:
             self.recorder(layer, hidden, top_k_index, top_k_weights)
         run = lambda eid, w: self._accumulate(module, eid, w, hidden, top_k_index, top_k_weights, out)  # noqa: E731

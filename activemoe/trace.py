@@ -127,6 +127,10 @@ class Recorder:
         self.rows.append((layer, tokens, top_k_index.cpu().int(), top_k_weights.detach().float().cpu(),
                           hidden.detach().half().cpu() if self.keep_hidden else None))
 
+    def events(self) -> list[tuple[int, tuple[int, ...]]]:
+        """(layer, sorted routed expert ids) per MoE-layer call, in order: what the oracle replays."""
+        return [(layer, tuple(index.unique().tolist())) for layer, _, index, _, _ in self.rows]
+
     def trace(self, meta: dict[str, str]) -> Trace:
         layer = torch.cat([torch.full((t.shape[0],), l, dtype=torch.int32) for l, t, *_ in self.rows])
         hidden = torch.cat([r[4] for r in self.rows]) if self.keep_hidden else None

@@ -118,9 +118,7 @@ def main() -> None:
             else:
                 prompt = torch.randint(3, eng.vocab_size, (args.prompt_tokens,),
                                        generator=torch.Generator().manual_seed(0)).tolist()
-            eng.runtime.trace = []
-            eng.generate(prompt, max_new_tokens=args.new_tokens, sampling=GREEDY)
-            trace, eng.runtime.trace = eng.runtime.trace, None
+            trace = eng.routing_of(prompt, args.new_tokens, GREEDY)  # for the Belady bound
             eng.generate(prompt, max_new_tokens=args.new_tokens, sampling=GREEDY)  # warm: all resident now
             floor = statistics.median(eng.generate(prompt, max_new_tokens=args.new_tokens, sampling=GREEDY)
                                       .stats.decode_tok_s for _ in range(args.runs))
