@@ -30,6 +30,7 @@ class PrefetchConfig:
     chunk_bytes: int = 1 << 20  # copy granularity: a critical load overtakes speculative work between chunks
     budget: int | None = None  # predicted experts prefetched per target layer; None: the model's top-k
     predictor_file: str | None = None  # learned heads; None: activemoe-predictor.safetensors in the model dir
+    stream_prefill: bool = True  # while a prompt runs layer N, queue layer N+1's experts (not with predictor "none")
 
 
 @dataclass(frozen=True)

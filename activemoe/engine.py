@@ -81,20 +81,25 @@ class GenerationStats:
     recall: dict[str, float] = field(default_factory=dict)  # lookahead k -> live recall@k over decode steps
     decode_bytes_per_token: float = 0.0  # bytes copied into slots per decode step (prefill excluded)
     per_token_s: tuple[float, ...] = ()  # wall time of each decode step
+    batch_size: int = 1
+    reuse: float = 0.0  # decode activations per distinct expert per layer step (> 1 when a batch shares experts)
+    prefill_bytes_needed: int = 0  # distinct experts the prompt routed x expert bytes (the TTFT link floor's bytes)
 
 
 @dataclass(frozen=True)
 class Generation:
-    token_ids: list[int]
+    token_ids: list[int]  # the new tokens of the first (or only) sequence
     stats: GenerationStats
+    sequences: list[list[int]] = field(default_factory=list)  # new tokens of every sequence of the batch
 
 
 class _TimingStreamer:
     """transformers streamer protocol: first put() is the prompt, then one call per new token."""
 
-    def __init__(self, on_token: Callable[[int], None] | None, bytes_moved: Callable[[], int]):
+    def __init__(self, on_token: Callable[[int], None] | None, bytes_moved: Callable[[], int],
+                 on_first: Callable[[], None]):
         self.on_token, self.times, self.bytes, self._prompt_seen = on_token, [], [], False
-        self.bytes_moved = bytes_moved
+        self.bytes_moved, self.on_first = bytes_moved, on_first
         self.start = time.perf_counter()
 
     def put(self, value: torch.Tensor) -> None:
@@ -103,6 +108,8 @@ class _TimingStreamer:
             return
         self.times.append(time.perf_counter())
         self.bytes.append(self.bytes_moved())
+        if len(self.times) == 1:
+            self.on_first()
         if self.on_token:
             for token in value.reshape(-1).tolist():
                 self.on_token(token)
@@ -190,14 +197,21 @@ class Engine:
         return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int = 32, sampling: SamplingConfig = SamplingConfig(),
-                 on_token: Callable[[int], None] | None = None) -> Generation:
-        """Generate; with the oracle predictor, a first identical pass records the routing to replay."""
-        if not prompt_ids:
+    def generate(self, prompt_ids: list[int] | list[list[int]], max_new_tokens: int = 32,
+                 sampling: SamplingConfig = SamplingConfig(), on_token: Callable[[int], None] | None = None
+                 ) -> Generation:
+        """Generate for one prompt, or a batch of prompts (a list of lists; left-padded, and each step's
+        expert loads shared by all sequences). With the oracle predictor, a first identical pass records
+        the routing to replay."""
+        batch = _as_batch(prompt_ids)
+        if not all(batch):
             raise UserError("the prompt is empty")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        bad = [t for p in batch for t in p if not 0 <= t < self.vocab_size]
         if bad:
             raise UserError(f"prompt ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        if len(batch) > 1 and on_token is not None:
+            raise UserError("streaming tokens needs a single prompt")
+        prompt_ids = batch
         if self.config.prefetch.predictor == "oracle":
             if sampling.seed is None and sampling.do_sample is not False:
                 sampling = SamplingConfig(sampling.do_sample, sampling.temperature, sampling.top_p,
@@ -215,7 +229,7 @@ class Engine:
         recorder = Recorder(self.runtime.store.layers[0], keep_hidden=False)
         self.runtime.recorder = recorder
         try:
-            self._generate(prompt_ids, max_new_tokens, sampling, None)
+            self._generate(_as_batch(prompt_ids), max_new_tokens, sampling, None)
         finally:
             self.runtime.recorder = None
         return recorder.events()
@@ -228,15 +242,19 @@ class Engine:
         gen_config = self.model.generation_config
         if gen_config.pad_token_id is None:
             kwargs["pad_token_id"] = gen_config.eos_token_id if gen_config.eos_token_id is not None else 0
-        ids = torch.tensor([prompt_ids], device=self.device)
+        width = max(map(len, prompt_ids))
+        pad = kwargs.get("pad_token_id", gen_config.pad_token_id)
+        pad = pad[0] if isinstance(pad, list) else pad
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=self.device)  # [B, P] left-padded
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
         loader = self.runtime.loader
         self.runtime.begin()
         for stats in (self.runtime.stats, loader.stats, loader.cache.stats, loader.scheduler.stats):
             stats.get_and_reset()
         self.runtime.recall_and_reset()
-        streamer = _TimingStreamer(on_token, lambda: loader.stats.bytes_moved)
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  streamer=streamer, **kwargs)
+        streamer = _TimingStreamer(on_token, lambda: loader.stats.bytes_moved,
+                                   on_first=lambda: setattr(self.runtime, "decoding", True))
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, streamer=streamer, **kwargs)
         rt, ld = self.runtime.stats.get_and_reset(), loader.stats.get_and_reset()
         cs, ss = loader.cache.stats.get_and_reset(), loader.scheduler.stats.get_and_reset()
         times = streamer.times
@@ -249,8 +267,15 @@ class Engine:
             overlap=max(0.0, 1.0 - ld.stall_s / ld.busy_s) if ld.busy_s > 0 else 1.0,
             critical_loads=ss.critical, speculative_loads=cs.loads - ss.critical, wasted_loads=cs.wasted,
             host_computed=rt.host_computed, recall=self.runtime.recall_and_reset(), per_token_s=steps,
-            decode_bytes_per_token=(streamer.bytes[-1] - streamer.bytes[0]) / len(steps) if steps else 0.0)
-        return Generation(token_ids=out[0, len(prompt_ids):].tolist(), stats=stats)
+            decode_bytes_per_token=(streamer.bytes[-1] - streamer.bytes[0]) / len(steps) / len(prompt_ids)
+            if steps else 0.0, batch_size=len(prompt_ids), reuse=rt.reuse,
+            prefill_bytes_needed=rt.prefill_experts * self.load_stats.expert_bytes)
+        sequences = out[:, width:].tolist()
+        return Generation(token_ids=sequences[0], stats=stats, sequences=sequences)
+
+
+def _as_batch(prompt_ids: list[int] | list[list[int]]) -> list[list[int]]:
+    return prompt_ids if prompt_ids and isinstance(prompt_ids[0], list) else [prompt_ids]
 
 
 def num_slots_for(cache: CacheConfig, total_experts: int, expert_bytes: int, top_k: int) -> int:
@@ -380,7 +405,8 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
         predictor = _predictor(prefetch, model, experts, store.num_experts)
     runtime = ExpertRuntime(store, loader, predictor,
                             budget=prefetch.budget or None,
-                            experts_on=config.experts_on, miss_cost=miss_cost)
+                            experts_on=config.experts_on, miss_cost=miss_cost,
+                            stream_prefill=prefetch.stream_prefill and prefetch.predictor != "none")
     for layer, module in experts.items():
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
     tokenizer = _tokenizer(model_dir)

@@ -15,7 +15,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 
 from activemoe.ids import ExpertId
 from activemoe.loader import Loader
-from activemoe.predictors import NoPredictor, Predictor
+from activemoe.predictors import NoPredictor, Prediction, Predictor
 from activemoe.store import ExpertStore
 
 IMPLEMENTATION = "activemoe"
@@ -41,10 +41,18 @@ class RuntimeStats:
     activations: int = 0  # routed (token, layer, expert) activations
     hits: int = 0  # activations whose expert was READY when routed
     host_computed: int = 0  # experts computed from their host copy instead of a slot
+    prefill_experts: int = 0  # distinct experts routed per MoE layer, summed over the prompt's layers
+    decode_activations: int = 0  # activations of decode steps (all sequences of a batch)
+    decode_experts: int = 0  # distinct experts routed per MoE layer, summed over decode steps
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.activations if self.activations else 0.0
+
+    @property
+    def reuse(self) -> float:
+        """Decode activations per distinct expert loaded-or-hit: how many sequences share an expert."""
+        return self.decode_activations / self.decode_experts if self.decode_experts else 0.0
 
     def get_and_reset(self) -> RuntimeStats:
         snapshot = RuntimeStats(**{f.name: getattr(self, f.name) for f in fields(self)})
@@ -93,13 +101,16 @@ def grouped_forward(module, weights: dict[str, torch.Tensor], num: int, hidden: 
 
 class ExpertRuntime:
     def __init__(self, store: ExpertStore, loader: Loader, predictor: Predictor | None = None,
-                 budget: int | None = None, experts_on: str = "device", miss_cost: MissCostModel | None = None):
+                 budget: int | None = None, experts_on: str = "device", miss_cost: MissCostModel | None = None,
+                 stream_prefill: bool = True):
         self.store, self.loader = store, loader
+        self.stream_prefill = stream_prefill  # while the prompt runs, load all of the next MoE layer's experts
         self.predictor = predictor or NoPredictor()
         self.budget, self.experts_on, self.miss_cost = budget, experts_on, miss_cost
         self.stats = RuntimeStats()
         self.recorder = None  # a trace.Recorder, called with every layer's routing (and hidden state)
         self.event = 0
+        self.decoding = False  # set by the engine once the prompt's forward is done
         self.recall: dict[int, tuple[int, int]] = {}  # distance -> (named and routed, routed)
         self._predicted: dict[int, dict[int, set[int]]] = {}  # event -> distance -> experts named for it
         self._sent: dict[int, set[ExpertId]] = {}  # event -> experts already handed to the loader for it
@@ -107,6 +118,7 @@ class ExpertRuntime:
     def begin(self) -> None:
         """A new generation: events restart at 0."""
         self.event = 0
+        self.decoding = False
         self._predicted.clear()
         self._sent.clear()
         self.predictor.begin()
@@ -118,6 +130,11 @@ class ExpertRuntime:
         routed = top_k_index.unique().tolist()
         counts = torch.bincount(top_k_index.reshape(-1), minlength=max(routed) + 1).tolist()
         self.stats.activations += top_k_index.numel()
+        if self.decoding:
+            self.stats.decode_activations += top_k_index.numel()
+            self.stats.decode_experts += len(routed)
+        else:
+            self.stats.prefill_experts += len(routed)
         if self.recorder is not None:
             self.recorder(layer, hidden, top_k_index, top_k_weights)
         run = lambda eid, w: self._accumulate(module, eid, w, hidden, top_k_index, top_k_weights, out)  # noqa: E731
@@ -131,6 +148,8 @@ class ExpertRuntime:
             return out
 
         predictions = self.predictor.predict(event, layer, hidden, top_k_index)
+        if self.stream_prefill and not self.decoding and top_k_index.shape[0] > 1:
+            predictions = self._streamed(layer, predictions)
         self._score(event, routed, decode=top_k_index.shape[0] == 1)
         budget = self.budget or top_k_index.shape[-1]
         predicted = []
@@ -169,6 +188,21 @@ class ExpertRuntime:
             self.loader.abandon(pending)
             raise
         return out
+
+    def _streamed(self, layer: int, predictions: list[Prediction]) -> list[Prediction]:
+        """Prefill streaming: a long prompt routes to nearly every expert, so the next MoE layer's experts
+        are all queued (the predictor's ranking first, when it has one) to load while this layer computes."""
+        layers = self.store.layers
+        position = layers.index(layer)
+        if position + 1 == len(layers):
+            return predictions
+        nxt, num = layers[position + 1], self.store.num_experts
+        first = next((p for p in predictions if p.distance == 1), None)
+        order = list(first.experts) if first else []
+        order += [e for e in range(num) if e not in set(order)]
+        probs = tuple(1.0 - i / num for i in range(num))  # below every critical load, ranked
+        streamed = Prediction(1, nxt, tuple(order), probs, budget=num)
+        return [p for p in predictions if p.distance != 1] + [streamed]
 
     def _score(self, event: int, routed: list[int], decode: bool) -> None:
         """recall@k over decode steps: the share of this layer's routed experts named k layers earlier
