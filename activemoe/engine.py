@@ -180,9 +180,15 @@ class Engine:
             raise UserError("no tokens to score")
         return math.exp(nll / count), count
 
+    @property
+    def all_resident(self) -> bool:
+        return self.load_stats.num_slots >= self.load_stats.total_experts
+
     def reset_cache(self) -> None:
-        """Empty all slots, so the next generation starts cold."""
-        self.runtime.loader.reset()
+        """Empty all slots, so the next generation starts cold; when every expert has a slot they were
+        loaded at start and stay (nothing to reset)."""
+        if not self.all_resident:
+            self.runtime.loader.reset()
 
     @property
     def vocab_size(self) -> int:
@@ -242,11 +248,9 @@ class Engine:
         gen_config = self.model.generation_config
         if gen_config.pad_token_id is None:
             kwargs["pad_token_id"] = gen_config.eos_token_id if gen_config.eos_token_id is not None else 0
-        width = max(map(len, prompt_ids))
         pad = kwargs.get("pad_token_id", gen_config.pad_token_id)
-        pad = pad[0] if isinstance(pad, list) else pad
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=self.device)  # [B, P] left-padded
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
+        ids, mask = left_pad(prompt_ids, pad[0] if isinstance(pad, list) else pad, self.device)
+        width = ids.shape[1]
         loader = self.runtime.loader
         self.runtime.begin()
         for stats in (self.runtime.stats, loader.stats, loader.cache.stats, loader.scheduler.stats):
@@ -272,6 +276,14 @@ class Engine:
             prefill_bytes_needed=rt.prefill_experts * self.load_stats.expert_bytes)
         sequences = out[:, width:].tolist()
         return Generation(token_ids=sequences[0], stats=stats, sequences=sequences)
+
+
+def left_pad(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch: ids and attention mask, [B, P], padded on the left."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
 
 
 def _as_batch(prompt_ids: list[int] | list[list[int]]) -> list[list[int]]:
@@ -409,6 +421,8 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
                             stream_prefill=prefetch.stream_prefill and prefetch.predictor != "none")
     for layer, module in experts.items():
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
+    if num_slots >= total and config.experts_on != "host":
+        loader.preload(store.experts())  # everything fits: no transfer is left for generation
     tokenizer = _tokenizer(model_dir)
     stats = LoadStats(model_rss_bytes=model_rss,
                       host_store_bytes=store.expert_bytes * total if config.store == "ram" else 0,

@@ -60,6 +60,7 @@ class Loader:
                 slot = self.cache.lookup(eid)
                 if slot is not None:
                     self.cache.pin(slot)
+                    self.cache.touch(slot)
                     ready.append((eid, slot))
                 else:
                     self._failed.pop(eid, None)
@@ -87,6 +88,7 @@ class Loader:
                             self._handed.discard(eid)  # the load's pin becomes the caller's
                         else:
                             self.cache.pin(slot)
+                        self.cache.touch(slot)
                         self.stats.stall_s += time.perf_counter() - start
                         return eid, slot
                     if slot is None and eid not in self.scheduler.tasks:
@@ -106,9 +108,17 @@ class Loader:
             ahead = sum(1 for t in self.scheduler.tasks.values() if t.critical and t.key() > task.key())
             return self.slab.link.transfer_s(sum(c.nbytes for c in chunks) + ahead * self.slab.expert_bytes)
 
-    def touch(self, slot: int) -> None:
-        with self.cond:
-            self.cache.touch(slot)
+    def preload(self, eids: list[ExpertId]) -> None:
+        """Load `eids` into slots now, in order, before any generation (when every expert has a slot)."""
+        for eid in eids:
+            with self.cond:
+                slot, _ = self.cache.allocate(eid)
+            source = self.store.read(eid)
+            for index in range(len(self.slab.chunks)):
+                self.slab.copy_chunk(slot, source, index)
+            with self.cond:
+                self.cache.mark_ready(slot)
+                self.cache.unpin(slot)
 
     def reset(self) -> None:
         """Empty every slot (between benchmark runs); only when nothing is loading or pinned."""

@@ -7,6 +7,7 @@ Legend: T tokens, K routed per token, H hidden, I expert width.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, fields
 
 import torch
@@ -127,8 +128,9 @@ class ExpertRuntime:
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         event, self.event = self.event, self.event + 1
         out = torch.zeros_like(hidden)  # [T, H]
-        routed = top_k_index.unique().tolist()
-        counts = torch.bincount(top_k_index.reshape(-1), minlength=max(routed) + 1).tolist()
+        flat = top_k_index.reshape(-1).tolist()  # [T*K]
+        counts = Counter(flat)
+        routed = sorted(counts)
         self.stats.activations += top_k_index.numel()
         if self.decoding:
             self.stats.decode_activations += top_k_index.numel()
@@ -137,7 +139,10 @@ class ExpertRuntime:
             self.stats.prefill_experts += len(routed)
         if self.recorder is not None:
             self.recorder(layer, hidden, top_k_index, top_k_weights)
-        run = lambda eid, w: self._accumulate(module, eid, w, hidden, top_k_index, top_k_weights, out)  # noqa: E731
+        if hidden.shape[0] == 1:  # decode: one token, no gather or scatter
+            run = lambda eid, w: self._accumulate_one(module, w, hidden, flat.index(eid.expert), top_k_weights, out)  # noqa: E731
+        else:
+            run = lambda eid, w: self._accumulate(module, eid, w, hidden, top_k_index, top_k_weights, out)  # noqa: E731
         if self.experts_on == "host":
             self.stats.host_computed += len(routed)
             if self.store.host:  # RAM tier: one grouped call over the layer's host copies
@@ -221,10 +226,15 @@ class ExpertRuntime:
 
     def _run_slot(self, run, eid: ExpertId, slot: int) -> None:
         try:
-            self.loader.touch(slot)
             run(eid, self.loader.slab.acquire(slot))
         finally:
             self.loader.release(slot)
+
+    @staticmethod
+    def _accumulate_one(module, w, hidden, k: int, top_k_weights, out) -> None:
+        device = next(iter(w.values())).device
+        y = expert_forward(module, w, hidden if hidden.device == device else hidden.to(device))  # [1, H]
+        out.add_((y if y.device == out.device else y.to(out.device)) * top_k_weights[0, k])
 
     @staticmethod
     def _accumulate(module, eid, w, hidden, top_k_index, top_k_weights, out) -> None:

@@ -1,0 +1,159 @@
+"""bench.py measures: it runs each baseline over prompt lengths and batch sizes, a warm-up then several
+timed runs from a cold expert cache, and reduces the runs to one row per (baseline, prompt, batch).
+It prints nothing; cli_bench.py turns rows into a table, a JSON line and plots.
+"""
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from activemoe.baselines import RunResult, Runner, make_runner
+from activemoe.config import CacheConfig, EngineConfig
+from activemoe.errors import UserError
+from activemoe.trace import HELDOUT_LIST, split_texts
+
+Progress = Callable[[str], None]  # called before each run with a description
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model_dir: Path
+    baselines: tuple[str, ...] = ("transformers", "accelerate", "reactive", "host", "pregate+slru@2",
+                                  "learned+slru@2")
+    prompt_lengths: tuple[int, ...] = (16, 128, 512)
+    batch_sizes: tuple[int, ...] = (1,)
+    new_tokens: int = 64
+    runs: int = 3  # timed runs per row, after one warm-up per baseline
+    engine: EngineConfig = field(default_factory=EngineConfig)  # device, dtype, cache size, link for ActiveMoE
+
+    @staticmethod
+    def tiny(model_dir: Path, baselines: tuple[str, ...] = ("transformers", "reactive")) -> BenchConfig:
+        return BenchConfig(model_dir, baselines, prompt_lengths=(4,), new_tokens=4, runs=1,
+                           engine=EngineConfig(cache=CacheConfig(slot_fraction=0.25)))
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    baseline: str
+    prompt_tokens: int
+    batch_size: int
+    decode_tok_s: float  # median over runs; tokens of all sequences per second
+    decode_tok_s_min: float
+    decode_tok_s_max: float
+    ttft_s: float  # median
+    p50_ms: float  # per decode step, all runs pooled
+    p99_ms: float
+    peak_host_bytes: int
+    peak_device_bytes: int | None
+    same_tokens: bool | None  # greedy tokens equal the reference baseline's (the first exact one run)
+    hit_rate: float | None = None
+    recall_1: float | None = None
+    decode_bytes_per_token: float | None = None
+    stall_s: float | None = None
+    overlap: float | None = None
+    reuse: float | None = None
+    ttft_floor_s: float | None = None  # prefill's distinct experts x expert bytes / link (emulated link only)
+
+
+def prompts_for(model_dir: Path, encode, vocab_size: int, length: int, batch: int) -> list[list[int]]:
+    """`batch` prompts of `length` tokens: consecutive held-out text of a bundled-style model, else
+    random ids (fixed seed)."""
+    if encode is not None and (model_dir / HELDOUT_LIST).is_file():
+        ids: list[int] = []
+        for text in split_texts(model_dir, "heldout"):
+            ids += encode(text)
+            if len(ids) >= length * batch:
+                return [ids[i * length:(i + 1) * length] for i in range(batch)]
+    gen = torch.Generator().manual_seed(length * 1000 + batch)
+    return torch.randint(3, vocab_size, (batch, length), generator=gen).tolist()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+def reduce_runs(baseline: str, prompt_tokens: int, results: list[RunResult], reference: list[list[int]] | None,
+                link_gbps: float | None) -> BenchRow:
+    speeds = [r.decode_tok_s for r in results]
+    steps_ms = [s * 1e3 for r in results for s in r.per_token_s]
+    last = results[-1]
+    needed = last.prefill_bytes_needed
+    floor = needed / (link_gbps * 1e9) if needed and link_gbps else None
+    return BenchRow(
+        baseline, prompt_tokens, last.batch_size, statistics.median(speeds), min(speeds), max(speeds),
+        statistics.median(r.ttft_s for r in results), _percentile(steps_ms, 0.5), _percentile(steps_ms, 0.99),
+        max(r.peak_host_bytes for r in results),
+        None if last.peak_device_bytes is None else max(r.peak_device_bytes for r in results),
+        None if reference is None else all(r.sequences == reference for r in results),
+        last.hit_rate, last.recall.get("1"), last.decode_bytes_per_token, last.stall_s, last.overlap, last.reuse, floor)
+
+
+def run_bench(config: BenchConfig, progress: Progress = lambda _: None) -> list[BenchRow]:
+    """All rows; the reference tokens come from the first baseline run (exact baselines agree with it)."""
+    if config.runs < 1 or config.new_tokens < 2:
+        raise UserError("--runs must be at least 1 and --new-tokens at least 2")
+    shapes = [(length, batch) for length in config.prompt_lengths for batch in config.batch_sizes]
+    prompts: dict[tuple[int, int], list[list[int]]] = {}
+    references: dict[tuple[int, int], list[list[int]]] = {}
+    rows = []
+    for spec in config.baselines:
+        progress(f"{spec}: loading")
+        runner: Runner = make_runner(spec, config.model_dir, config.engine)
+        try:
+            if not prompts:
+                engine = getattr(runner, "engine", None)
+                encode = engine.encode if engine is not None and engine.tokenizer is not None else None
+                vocab = engine.vocab_size if engine is not None else _vocab(runner)
+                prompts = {s: prompts_for(config.model_dir, encode, vocab, *s) for s in shapes}
+            progress(f"{spec}: warm-up")
+            runner.run(prompts[shapes[0]], min(8, config.new_tokens))
+            for shape in shapes:
+                results = []
+                for i in range(config.runs):
+                    progress(f"{spec}: prompt {shape[0]}, batch {shape[1]}, run {i + 1}/{config.runs}")
+                    results.append(runner.run(prompts[shape], config.new_tokens))
+                reference = references.setdefault(shape, results[0].sequences)
+                rows.append(reduce_runs(spec, shape[0], results, reference, _link(config.engine)))
+        finally:
+            runner.close()
+    return rows
+
+
+def _vocab(runner) -> int:
+    model = getattr(runner, "model")
+    return model.get_input_embeddings().weight.shape[0]
+
+
+def _link(engine: EngineConfig) -> float | None:
+    return engine.link.link_gbps if engine.device == "cpu" else None
+
+
+def compare_grid(config: BenchConfig, predictors: list[str], policies: list[str], caches: list[str],
+                 progress: Progress = lambda _: None) -> list[tuple[str, BenchRow]]:
+    """`activemoe compare`: predictors x policies x cache sizes (each `N%` of all experts or `N` slots),
+    one prompt length, rows tagged with their cache size."""
+    out = []
+    for cache in caches:
+        bench = replace(config, baselines=tuple(f"{p}+{q}@{config.engine.prefetch.lookahead}"
+                                                for p in predictors for q in policies),
+                        engine=replace(config.engine, cache=cache_config(cache, config.engine.cache)))
+        out += [(cache, row) for row in run_bench(bench, lambda text, c=cache: progress(f"cache {c}: {text}"))]
+    return out
+
+
+def cache_config(text: str, base: CacheConfig) -> CacheConfig:
+    """'25%' -> a share of all experts; '12' -> that many slots."""
+    try:
+        if text.endswith("%"):
+            fraction = float(text[:-1]) / 100
+            if not 0 < fraction <= 1:
+                raise ValueError
+            return replace(base, num_slots=None, expert_memory_bytes=None, slot_fraction=fraction)
+        return replace(base, num_slots=int(text), expert_memory_bytes=None)
+    except ValueError:
+        raise UserError(f"cannot parse cache size {text!r}: use a share like 25% or a slot count like 12") from None
