@@ -1,0 +1,117 @@
+"""`activemoe bench` / `compare`: every baseline runs through its real path and agrees token for token;
+batches share loads; results are written whole or not at all; bad input is one clear line."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from activemoe import cli_bench
+from activemoe.baselines import AccelerateRunner, engine_config
+from activemoe.bench import BenchConfig, cache_config, compare_grid, run_bench
+from activemoe.config import CacheConfig, EngineConfig, LinkConfig
+from activemoe.errors import UserError
+from tests.test_cli import assert_user_error, run
+
+
+def test_engine_config_of_spec_names():
+    base = EngineConfig(cache=CacheConfig(slot_fraction=0.25))
+    c = engine_config("learned+slru@3", base)
+    assert (c.prefetch.predictor, c.cache.policy, c.prefetch.lookahead) == ("learned", "slru", 3)
+    assert engine_config("pregate", base).cache.policy == "lru"
+    assert engine_config("host", base).experts_on == "host"
+    assert engine_config("reactive", base).prefetch.predictor == "none"
+    with pytest.raises(UserError, match="unknown baseline 'magic'.*transformers, accelerate"):
+        engine_config("magic", base)
+    with pytest.raises(UserError, match="unknown baseline"):
+        engine_config("learned+fifo", base)
+
+
+def test_cache_sizes():
+    assert cache_config("25%", CacheConfig()).slot_fraction == 0.25
+    assert cache_config("12", CacheConfig()).num_slots == 12
+    for bad in ("0%", "abc", "150%"):
+        with pytest.raises(UserError, match="cannot parse cache size"):
+            cache_config(bad, CacheConfig())
+
+
+def test_every_baseline_agrees_and_batches_share_loads(checkpoint):
+    model = checkpoint("qwen3_moe", num_experts=8, top_k=2)
+    config = replace(BenchConfig.tiny(model, ("transformers", "accelerate", "reactive", "host", "pregate+slru@2")),
+                     batch_sizes=(1, 3), prompt_lengths=(6,), new_tokens=5,
+                     engine=EngineConfig(cache=CacheConfig(num_slots=4), link=LinkConfig(link_gbps=2.0)))
+    seen = []
+    rows = run_bench(config, seen.append)
+    assert [(r.baseline, r.batch_size) for r in rows] == [(b, n) for b in config.baselines for n in (1, 3)]
+    assert all(r.same_tokens for r in rows), [(r.baseline, r.batch_size) for r in rows if not r.same_tokens]
+    assert all(r.decode_tok_s > 0 and r.p99_ms >= r.p50_ms > 0 for r in rows)
+    reactive = {r.batch_size: r for r in rows if r.baseline == "reactive"}
+    assert reactive[1].reuse == 1.0 and reactive[3].reuse > 1.0  # three sequences share experts per step
+    assert reactive[1].ttft_floor_s > 0 and reactive[1].decode_bytes_per_token > 0
+    assert {r.hit_rate for r in rows if r.baseline in ("transformers", "accelerate")} == {None}
+    assert any("run 1/1" in text for text in seen)
+
+
+def test_accelerate_offloads_the_experts(checkpoint):
+    runner = AccelerateRunner(checkpoint("qwen3_moe"), EngineConfig(link=LinkConfig(link_gbps=10.0)))
+    try:
+        experts = [m for n, m in runner.model.named_modules() if n.endswith("mlp.experts")]
+        assert experts and all(m.gate_up_proj.device.type == "meta" for m in experts)  # weights live on disk
+        assert all(m._hf_hook.offload for m in experts)
+        assert list(Path(runner._dir.name).glob("*.dat"))
+        out = runner.run([[5, 6, 7]], 3)
+        assert len(out.sequences[0]) == 3 and len(out.per_token_s) == 2
+    finally:
+        runner.close()
+
+
+def test_compare_grid_rows(checkpoint):
+    model = checkpoint("qwen3_moe")
+    config = replace(BenchConfig.tiny(model, ()), new_tokens=3)
+    tagged = compare_grid(config, ["none", "pregate"], ["lru", "slru"], ["4", "50%"])
+    assert [c for c, _ in tagged] == ["4"] * 4 + ["50%"] * 4
+    assert [r.baseline for _, r in tagged][:4] == ["none+lru@1", "none+slru@1", "pregate+lru@1", "pregate+slru@1"]
+    assert all(r.same_tokens for _, r in tagged)
+
+
+def test_bench_cli_writes_results_whole(capsys, checkpoint, tmp_path):
+    out = tmp_path / "results"
+    rc, stdout, _ = run(capsys, "bench", "--model", str(checkpoint("qwen3_moe")), "--baselines", "reactive,pregate",
+                        "--prompt-lengths", "4", "--new-tokens", "3", "--runs", "1", "--out", str(out))
+    assert rc == 0
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["measured"] == "wall clock" and result["link"] == "emulated 0.25 GB/s"
+    assert [r["baseline"] for r in result["rows"]] == ["reactive", "pregate"]
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.png"]
+    assert json.loads((out / "bench.json").read_text()) == result
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    def fail(tmp):
+        Path(tmp).write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cli_bench._write(tmp_path, "bench.json", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_bad_input(capsys, checkpoint, tmp_path):
+    model = str(checkpoint("qwen3_moe"))
+    base = ["bench", "--model", model, "--prompt-lengths", "4", "--new-tokens", "3", "--runs", "1"]
+    assert_user_error(capsys, base + ["--baselines", "reactive,warp"], "unknown baseline 'warp'", "accelerate")
+    assert_user_error(capsys, base + ["--batch-size", "0"], "--batch-size")
+    assert_user_error(capsys, base + ["--cache", "1"], "minimum is 2")  # below one layer's top-k
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_user_error(capsys, base + ["--out", str(blocker / "sub")], "cannot write to --out")
+    assert_user_error(capsys, ["bench", "--model", str(tmp_path)], "not a checkpoint directory")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_cuda_reports_device_peak(checkpoint):
+    config = replace(BenchConfig.tiny(checkpoint("qwen3_moe"), ("transformers", "reactive")),
+                     engine=EngineConfig(device="cuda", cache=CacheConfig(num_slots=4)))
+    rows = run_bench(config)
+    assert all(r.peak_device_bytes and r.same_tokens for r in rows)
