@@ -21,12 +21,14 @@ from transformers import AutoModelForCausalLM
 
 import activemoe
 from activemoe.config import EngineConfig, PrefetchConfig, SamplingConfig
-from activemoe.engine import left_pad, peak_rss_bytes
+from activemoe.engine import top_k_of, left_pad, peak_rss_bytes
 from activemoe.errors import UserError
-from activemoe.families import experts_classes
+from activemoe.families import experts_classes, experts_modules
 from activemoe.policies import POLICIES
 from activemoe.predictors import PREDICTORS
+from activemoe.replay import ReplayRouting
 from activemoe.slots import EmulatedLink
+from activemoe.trace import load_trace
 
 GREEDY = SamplingConfig(do_sample=False)
 FIXED = ("transformers", "accelerate", "reactive", "host")
@@ -80,10 +82,14 @@ def engine_config(spec: str, base: EngineConfig) -> EngineConfig:
 
 
 def make_runner(spec: str, model_dir: Path, base: EngineConfig) -> Runner:
-    if spec == "transformers":
-        return TransformersRunner(model_dir, base)
-    if spec == "accelerate":
-        return AccelerateRunner(model_dir, base)
+    if spec in ("transformers", "accelerate"):
+        runner = (TransformersRunner if spec == "transformers" else AccelerateRunner)(model_dir, base)
+        if base.replay_routing:  # the same forced routing as the ActiveMoE runs, reset before each run
+            experts = experts_modules(runner.model)
+            runner.replay = ReplayRouting(load_trace(base.replay_routing), list(experts),
+                                          next(iter(experts.values())).num_experts, top_k_of(runner.model.config))
+            runner.replay.install(experts)
+        return runner
     return ActiveMoERunner(spec, model_dir, engine_config(spec, base))
 
 
@@ -134,11 +140,14 @@ class _Timer:
         pass
 
 
-def _timed_generate(model, prompts: list[list[int]], new_tokens: int, device: torch.device) -> RunResult:
+def _timed_generate(model, prompts: list[list[int]], new_tokens: int, device: torch.device,
+                    replay: ReplayRouting | None) -> RunResult:
     config = model.generation_config
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     pad = (pad[0] if isinstance(pad, list) else pad) or 0
     ids, mask = left_pad(prompts, pad, device)
+    if replay is not None:
+        replay.reset()
     reset_peaks(device)
     timer = _Timer()
     with torch.inference_mode():
@@ -153,13 +162,14 @@ class TransformersRunner:
     """Plain transformers, every expert resident on the compute device (when it fits)."""
 
     name = "transformers"
+    replay: ReplayRouting | None = None
 
     def __init__(self, model_dir: Path, config: EngineConfig):
         self.device = torch.device(config.device)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, config.dtype)).to(self.device)
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> RunResult:
-        return _timed_generate(self.model, prompts, new_tokens, self.device)
+        return _timed_generate(self.model, prompts, new_tokens, self.device, self.replay)
 
     def close(self) -> None:
         del self.model
@@ -192,6 +202,7 @@ class AccelerateRunner:
     are fused on load (5.23 raises "gate_up_proj is on the meta device"), hence dispatch_model."""
 
     name = "accelerate"
+    replay: ReplayRouting | None = None
 
     def __init__(self, model_dir: Path, config: EngineConfig):
         from accelerate import dispatch_model
@@ -214,7 +225,7 @@ class AccelerateRunner:
                     module.register_forward_pre_hook(lambda *_, files=files: _drop_page_cache(files))
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> RunResult:
-        return _timed_generate(self.model, prompts, new_tokens, self.device)
+        return _timed_generate(self.model, prompts, new_tokens, self.device, self.replay)
 
     def close(self) -> None:
         del self.model

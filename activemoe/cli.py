@@ -63,6 +63,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--routing", default="exact", choices=ROUTING,
                    help="exact (default), or pregated: APPROXIMATE, opt-in — layer N+1 is routed by a decision "
                         "made at layer N, so no load is late; it changes the output (see `activemoe perplexity`)")
+    p.add_argument("--replay-routing", metavar="TRACE",
+                   help="APPROXIMATE, for benchmarks: force the routing recorded in TRACE (`activemoe trace record`), "
+                        "mapped onto this model's shape; the output is not the model's")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
@@ -97,6 +100,7 @@ def cmd_generate(args) -> int:
         raise UserError("--lookahead must be at least 1")
     config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache, store=args.store, routing=args.routing,
                           experts_on=args.experts_on, link=LinkConfig(link_gbps=args.link_gbps),
+                          replay_routing=args.replay_routing,
                           prefetch=PrefetchConfig(predictor=args.predictor, lookahead=args.lookahead,
                                                   predictor_file=args.predictor_file))
     do_sample = False if args.greedy else (True if args.temperature is not None or args.top_p is not None else None)
@@ -125,7 +129,8 @@ def cmd_generate(args) -> int:
     out = eng.generate(ids, args.max_new_tokens, sampling, on_token=None if args.json else on_token)
     stats = {**{k: v for k, v in asdict(out.stats).items() if k != "per_token_s"}, "num_slots": eng.load_stats.num_slots, "total_experts": eng.load_stats.total_experts,
              "device": str(eng.device), "link_gbps": args.link_gbps, "measured": "wall clock",
-             "routing": args.routing + (" (approximate)" if args.routing != "exact" else "")}
+             "routing": ("replayed from " + args.replay_routing if args.replay_routing else args.routing)
+             + (" (approximate)" if args.routing != "exact" or args.replay_routing else "")}
     eng.close()
     if args.json:
         print(json.dumps({"token_ids": out.token_ids, "text": eng.decode(out.token_ids), "stats": stats}))

@@ -29,6 +29,9 @@ def _common(p) -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default 64)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per row after a warm-up (default 3)")
     p.add_argument("--lookahead", type=int, default=2, help="lookahead of predictive configs without @K (default 2)")
+    p.add_argument("--replay-routing", metavar="TRACE",
+                   help="force every baseline's routing from a recorded trace mapped onto this model's shape "
+                        "(benchmarks of random checkpoints at real shapes; labelled replay)")
     p.add_argument("--out", help="directory for the JSON result and PNG plots")
 
 
@@ -77,7 +80,10 @@ def _config(args, baselines: tuple[str, ...], prompt_lengths, batch_sizes, cache
     link = args.link_gbps if args.link_gbps is not None else (CPU_LINK_GBPS if args.device == "cpu" else None)
     if link is not None and link <= 0:
         raise UserError("--link-gbps must be positive")
+    if args.replay_routing and not Path(args.replay_routing).is_file():
+        raise UserError(f"trace file {args.replay_routing} does not exist")
     engine = EngineConfig(device=args.device, dtype=args.dtype, link=LinkConfig(link_gbps=link),
+                          replay_routing=args.replay_routing,
                           cache=cache_config(cache, CacheConfig()), prefetch=PrefetchConfig(lookahead=args.lookahead))
     return BenchConfig(model, baselines, prompt_lengths, batch_sizes, args.new_tokens, args.runs, engine)
 
@@ -117,6 +123,7 @@ def conditions(config: BenchConfig) -> dict:
                                                  f"{os.cpu_count()} cores", "device": e.device, "dtype": e.dtype,
             "link": f"emulated {link} GB/s" if link and e.device == "cpu" else "real",
             "torch_threads": torch.get_num_threads(), "model": str(config.model_dir),
+            "routing": f"replayed from {e.replay_routing} (approximate)" if e.replay_routing else "exact",
             "new_tokens": config.new_tokens, "runs": config.runs}
 
 
@@ -216,7 +223,7 @@ def cmd_bench(args) -> int:
     rows = _measure(lambda progress: run_bench(config, progress))
     cond = conditions(config)
     print_table(rows, f"activemoe bench — measured wall clock, {cond['machine']}, {cond['device']}, link {cond['link']}, "
-                      f"cache {args.cache}")
+                      f"cache {args.cache}, routing {cond['routing']}")
     result = {"bench": "activemoe bench", **cond, "cache": args.cache, "rows": [asdict(r) for r in rows]}
     line = json.dumps(result)
     print(line)

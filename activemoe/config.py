@@ -52,6 +52,7 @@ class EngineConfig:
     store: str = "ram"  # slow tier: "ram" (host copies, pinned on CUDA) or "disk" (checkpoint reads, no page cache)
     experts_on: str = "device"  # where routed experts run: device slots, host copies, or auto (per miss, cost model)
     routing: str = "exact"  # "exact", or "pregated" (approximate, opt-in: layer N+1 routed at layer N)
+    replay_routing: str | None = None  # a trace whose routing is forced (benchmarks at real shapes; approximate)
 
     @staticmethod
     def tiny(num_slots: int = 4, policy: str = "lru") -> EngineConfig:

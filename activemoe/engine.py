@@ -37,7 +37,8 @@ from activemoe.runtime import IMPLEMENTATION, ExpertRuntime
 from activemoe.scheduler import PrefetchScheduler
 from activemoe.slots import EmulatedLink, SlotSlab
 from activemoe.store import TIERS, CheckpointIndex, ExpertStore, model_dir_of
-from activemoe.trace import Recorder, Trace, shape_id
+from activemoe.replay import ReplayRouting
+from activemoe.trace import Recorder, Trace, load_trace, shape_id
 
 log = logging.getLogger(__name__)
 _TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k")
@@ -253,6 +254,8 @@ class Engine:
         width = ids.shape[1]
         loader = self.runtime.loader
         self.runtime.begin()
+        if self.replay is not None:
+            self.replay.reset()
         for stats in (self.runtime.stats, loader.stats, loader.cache.stats, loader.scheduler.stats):
             stats.get_and_reset()
         self.runtime.recall_and_reset()
@@ -323,7 +326,7 @@ def model_shape(model_dir: str | Path, dtype_name: str = "float32") -> ModelShap
         b.numel() * b.element_size() for b in model.buffers() if id(b) not in tied)
     expert_bytes = sum(math.prod(s) for s in spec.shapes.values()) * dtype.itemsize
     return ModelShape(resident_bytes=resident, expert_bytes=expert_bytes, total_experts=len(experts) * spec.num_experts,
-                      top_k=_top_k(hf_config), kv_bytes_per_token=kv_bytes_per_token(hf_config, dtype.itemsize),
+                      top_k=top_k_of(hf_config), kv_bytes_per_token=kv_bytes_per_token(hf_config, dtype.itemsize),
                       hidden_size=hf_config.hidden_size, vocab_size=hf_config.vocab_size, dtype_bytes=dtype.itemsize)
 
 
@@ -348,7 +351,7 @@ def _experts_classes(hf_config) -> list[type]:
     return classes
 
 
-def _top_k(config) -> int:
+def top_k_of(config) -> int:
     for name in _TOP_K_FIELDS:
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -400,7 +403,7 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
         raise UserError(f"{model_dir} has no MoE layers with routed experts ({unsupported_message(hf_config.model_type)})")
     store = ExpertStore(index, {layer: m._activemoe_spec for layer, m in experts.items()}, dtype,
                         pin=device.type == "cuda", tier=config.store)
-    top_k = _top_k(hf_config)
+    top_k = top_k_of(hf_config)
     total = len(store.experts())
     num_slots = budget.num_slots if budget else num_slots_for(config.cache, total, store.expert_bytes, top_k)
     store.preload(on_progress)
@@ -421,6 +424,10 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
                             stream_prefill=prefetch.stream_prefill and prefetch.predictor != "none")
     for layer, module in experts.items():
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
+    replay = None
+    if config.replay_routing:
+        replay = ReplayRouting(load_trace(config.replay_routing), store.layers, store.num_experts, top_k)
+        replay.install(experts)
     if num_slots >= total and config.experts_on != "host":
         loader.preload(store.experts())  # everything fits: no transfer is left for generation
     tokenizer = _tokenizer(model_dir)
@@ -430,7 +437,7 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
                       expert_bytes=store.expert_bytes, load_s=time.perf_counter() - start)
     log.info("loaded %s: %s", model_dir, asdict(stats))
     engine = Engine(model, tokenizer, runtime, stats, top_k, config)
-    engine.plan = budget
+    engine.plan, engine.replay = budget, replay
     return engine
 
 
@@ -446,7 +453,7 @@ def _predictor(prefetch: PrefetchConfig, model, experts: dict, num_experts: int)
         components = [PregatePredictor(router_parts(model, experts), prefetch.lookahead),
                       HistoryPredictor(list(experts), num_experts, prefetch.lookahead)]
         learned = _learned(prefetch, model, list(experts), num_experts, required=False)
-        return AdaptivePredictor(components + ([learned] if learned else []), _top_k(model.config))
+        return AdaptivePredictor(components + ([learned] if learned else []), top_k_of(model.config))
     return NoPredictor()
 
 
@@ -462,7 +469,7 @@ def _learned(prefetch: PrefetchConfig, model, layers: list[int], num_experts: in
 
 def _shape_id(config, layers: list[int], num_experts: int) -> str:
     """What ties traces and predictor files to a model: family, MoE layers, experts, top-k, hidden size."""
-    return shape_id(config.model_type, layers, num_experts, _top_k(config), config.hidden_size)
+    return shape_id(config.model_type, layers, num_experts, top_k_of(config), config.hidden_size)
 
 
 def _check_choices(config: EngineConfig) -> None:

@@ -97,6 +97,16 @@ def offloaded_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return dict(sorted(found.items()))
 
 
+def experts_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Decoder layer index -> experts module (any registry experts class, with weights or without)."""
+    found = {}
+    for name, module in model.named_modules():
+        match = _LAYER.search(name + ".")
+        if hasattr(type(module), "_apply_gate") and match is not None:
+            found[int(match.group(1))] = module
+    return dict(sorted(found.items()))
+
+
 def layer_expert_keys(keys: list[str], layers: list[int]) -> dict[int, dict[str, list[str]]]:
     """Checkpoint keys of routed experts per decoder layer, split into 'per_expert' and 'fused'."""
     wanted = set(layers)

@@ -1,0 +1,84 @@
+"""replay.py forces a model's routing from a recorded trace (`--replay-routing PATH`), for benchmarks at
+real expert shapes whose random routers would route uniformly: hit rates then reflect a trained model's
+routing while transfers and kernels are real. APPROXIMATE by construction: the output is not the model's.
+
+The trace's shape is mapped onto the model's: MoE layer i replays trace layer i mod L_trace; each
+trace expert e becomes r = ceil(K / K_trace) neighbouring experts starting at e * E // E_trace, the first
+K kept; weights split evenly among the copies, then normalised. Token rows are taken in order per layer,
+wrapping around the trace. Legend: T tokens, K routed per token.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from activemoe.errors import UserError
+from activemoe.trace import Trace
+
+
+class ReplayRouting:
+    def __init__(self, trace: Trace, layers: list[int], num_experts: int, top_k: int):
+        if not layers or top_k > num_experts:
+            raise UserError("replay needs a model with MoE layers and top-k <= experts")
+        trace_layers = trace.layers
+        rows = {layer: (trace.layer == layer).nonzero().squeeze(1) for layer in trace_layers}
+        if min(len(r) for r in rows.values()) == 0:
+            raise UserError("the trace has a MoE layer without rows; record it again")
+        self.index: dict[int, torch.Tensor] = {}  # model layer -> [N, K] expert ids
+        self.weights: dict[int, torch.Tensor] = {}  # model layer -> [N, K]
+        for i, layer in enumerate(layers):
+            picked = rows[trace_layers[i % len(trace_layers)]]
+            self.index[layer], self.weights[layer] = _map(trace.experts[picked].long(), trace.weights[picked].float(),
+                                                          trace.num_experts, num_experts, top_k)
+        self.cursor = dict.fromkeys(layers, 0)
+
+    def reset(self) -> None:
+        """A new generation replays from the trace's start."""
+        self.cursor = dict.fromkeys(self.cursor, 0)
+
+    def routing(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next `tokens` rows of `layer`: ([T, K] ids, [T, K] weights)."""
+        table = self.index[layer]
+        rows = (torch.arange(tokens) + self.cursor[layer]) % table.shape[0]  # [T]
+        self.cursor[layer] += tokens
+        return table[rows], self.weights[layer][rows]
+
+    def install(self, experts: dict[int, torch.nn.Module]) -> None:
+        """A forward pre-hook on each experts module swaps in the replayed routing (any runner's model)."""
+        for layer, module in experts.items():
+            module.register_forward_pre_hook(self._hook(layer), with_kwargs=True)
+
+    def _hook(self, layer: int):
+        def swap(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            index, weights = self.routing(layer, hidden.shape[0])
+            return (hidden, index.to(hidden.device), weights.to(hidden.device, hidden.dtype)), {}
+        return swap
+
+
+def _map(experts: torch.Tensor, weights: torch.Tensor, trace_experts: int, num_experts: int, top_k: int
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K_t] trace routing -> [N, K] model routing (see the module docstring)."""
+    copies = math.ceil(top_k / experts.shape[1])
+    start = experts * num_experts // trace_experts  # [N, K_t]
+    ids = (start[:, :, None] + torch.arange(copies)) % num_experts  # [N, K_t, r]
+    w = (weights / copies)[:, :, None].expand_as(ids)  # [N, K_t, r]
+    ids, w = ids.reshape(len(ids), -1), w.reshape(len(ids), -1)  # [N, K_t * r]
+    out_ids = torch.empty((len(ids), top_k), dtype=torch.long)
+    out_w = torch.empty((len(ids), top_k))
+    for n in range(len(ids)):  # distinct ids in rank order, padded with the next free experts
+        seen: list[int] = []
+        for e in ids[n].tolist():
+            if e not in seen:
+                seen.append(e)
+        e = seen[-1]
+        while len(seen) < top_k:
+            e = (e + 1) % num_experts
+            if e not in seen:
+                seen.append(e)
+        out_ids[n] = torch.tensor(seen[:top_k])
+        lookup = dict(zip(ids[n].tolist(), w[n].tolist()))
+        out_w[n] = torch.tensor([lookup.get(e, 0.0) for e in seen[:top_k]])
+    out_w = torch.where(out_w.sum(1, keepdim=True) > 0, out_w, torch.ones_like(out_w))
+    return out_ids, out_w / out_w.sum(1, keepdim=True)
