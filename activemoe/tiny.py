@@ -23,11 +23,13 @@ _FAMILY_OVERRIDES = {
 
 
 def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: int = 2, hidden: int = 32,
-                expert_width: int = 16, vocab: int = 96, max_positions: int = 256):
+                expert_width: int = 16, vocab: int = 96, max_positions: int = 256, heads: int = 4,
+                init_range: float = 0.1):
+    # init_range 0.1: logits of order 1 at tiny widths, so a 1e-5 parity bound means something
     fields = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=max_positions,
+                  num_attention_heads=heads, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=max_positions,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                  initializer_range=0.1)  # logits of order 1, so a 1e-5 parity bound means something
+                  initializer_range=init_range)
     fields.update(_FAMILY_OVERRIDES.get(family, {}))
     cfg = AutoConfig.for_model(family, **fields)
     for name in _EXPERT_FIELDS:
@@ -45,11 +47,11 @@ def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: i
 
 
 def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, router_scale: float = 20.0,
-                          max_shard_size: str | None = None, **shape) -> Path:
+                          max_shard_size: str | None = None, dtype: torch.dtype = torch.float32, **shape) -> Path:
     """Random weights, decisive routers, saved to `out_dir`; returns the directory."""
     cfg = tiny_config(family, **shape)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     num_experts = next(getattr(cfg, n) for n in _EXPERT_FIELDS if hasattr(cfg, n))
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,0 +1,35 @@
+"""bench/gpu_suite.py runs end to end at toy sizes on CPU (the real run needs CUDA)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SUITE = Path(__file__).parent.parent / "bench" / "gpu_suite.py"
+
+
+def _suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_covers_every_baseline_and_cache(tmp_path, capsys):
+    suite = _suite()
+    assert suite.main(["--dry-run", "--shapes", "olmoe-1b-7b", "--out", str(tmp_path / "out"),
+                       "--work", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["shape"] == "olmoe-1b-7b" and "replayed" in result["routing"]
+    assert set(result["rows"]) == {"25%", "50%"}
+    for rows in result["rows"].values():
+        assert [r["baseline"] for r in rows] == list(suite.BASELINES)
+        assert all(r["same_tokens"] for r in rows)  # one forced routing: every baseline computes the same tokens
+    assert not list((tmp_path / "out").iterdir())  # a dry run writes no result file
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refuses_without_cuda(capsys):
+    assert _suite().main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
