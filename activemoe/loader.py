@@ -71,7 +71,8 @@ class Loader:
                     self.scheduler.protect(eid, due)
                 else:
                     self.scheduler.speculate(eid, due, prob)
-            self.cond.notify_all()
+            if self.scheduler.tasks:  # waking the worker costs a thread switch: only when there is work
+                self.cond.notify_all()
         return ready, waiting
 
     def wait_any(self, pending: set[ExpertId]) -> tuple[ExpertId, int]:
@@ -132,7 +133,8 @@ class Loader:
         self.slab.release(slot)
         with self.cond:
             self.cache.unpin(slot)
-            self.cond.notify_all()
+            if self.scheduler.tasks:  # a queued load may have been waiting for an evictable slot
+                self.cond.notify_all()
 
     def abandon(self, eids) -> None:
         """The caller no longer waits for these (error, or computed on the host)."""

@@ -54,6 +54,7 @@ class SlotSlab:
         self.num_slots, self.device = num_slots, device
         self.buffers = {name: torch.empty((num_slots, *shape), dtype=dtype, device=device)  # [S, *shape]
                         for name, shape in shapes.items()}
+        self.views = [{name: buf[slot] for name, buf in self.buffers.items()} for slot in range(num_slots)]
         self.link = link or EmulatedLink(None)
         self.chunks = self._plan(shapes, dtype, chunk_bytes)
         self.expert_bytes = sum(c.nbytes for c in self.chunks)
@@ -102,7 +103,7 @@ class SlotSlab:
         """The slot's weights for compute; on CUDA the compute stream waits for the slot's copy."""
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
-        return {name: buf[slot] for name, buf in self.buffers.items()}
+        return self.views[slot]
 
     def release(self, slot: int) -> None:
         """Compute is done with the slot (as far as the host knows); copies into it wait for the kernels."""
