@@ -43,7 +43,7 @@ class RunResult:
     batch_size: int
     peak_host_bytes: int  # this process's peak RSS during the run (reset before it)
     peak_device_bytes: int | None  # CUDA peak allocated; None on CPU (the host figure covers it)
-    hit_rate: float | None = None  # ActiveMoE only: the engine's GenerationStats
+    hit_rate: float | None = None  # ActiveMoE only: the engine's GenerationStats (decode steps' hit rate)
     recall: dict[str, float] = field(default_factory=dict)
     decode_bytes_per_token: float | None = None
     stall_s: float | None = None
@@ -118,7 +118,7 @@ class ActiveMoERunner:
         out = self.engine.generate(prompts, max_new_tokens=new_tokens, sampling=GREEDY)
         s = out.stats
         return RunResult(out.sequences, s.ttft_s, s.per_token_s, len(prompts), peak_rss_bytes(),
-                         device_peak(self.engine.device), s.hit_rate, s.recall, s.decode_bytes_per_token, s.stall_s,
+                         device_peak(self.engine.device), s.decode_hit_rate, s.recall, s.decode_bytes_per_token, s.stall_s,
                          s.overlap, s.reuse, s.prefill_bytes_needed)
 
     def close(self) -> None:

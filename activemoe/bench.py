@@ -50,7 +50,7 @@ class BenchRow:
     peak_host_bytes: int
     peak_device_bytes: int | None
     same_tokens: bool | None  # greedy tokens equal the reference baseline's (the first exact one run)
-    hit_rate: float | None = None
+    hit_rate: float | None = None  # decode steps
     recall_1: float | None = None
     decode_bytes_per_token: float | None = None
     stall_s: float | None = None

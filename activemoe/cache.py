@@ -82,7 +82,8 @@ class ExpertCache:
         """Claim a slot for `eid` (state LOADING, pinned once); returns (slot, evicted expert or None).
 
         A speculative allocation never evicts a `protected` expert (needed soon) nor what the policy
-        reserves; it raises NoEvictableSlot rather than force anything out.
+        reserves; it raises NoEvictableSlot rather than force anything out. A critical one evicts a
+        protected expert only when no other slot may go.
         """
         if eid in self._slot_of:
             raise RuntimeError(f"{eid} already has slot {self._slot_of[eid]}")
@@ -130,10 +131,12 @@ class ExpertCache:
                 continue
             if speculative and (meta.expert in protected or not self.policy.may_evict(meta, speculative, due)):
                 continue
-            priority = self.policy.priority(meta, self._clock)
+            # a critical load may evict a protected (predicted) expert, but only when nothing else may go
+            shielded = meta.expert in protected
+            priority = (shielded, self.policy.priority(meta, self._clock))
             if best_priority is None or priority < best_priority:
                 best, best_priority = slot, priority
-                if self.policy.is_ideal(priority):
+                if not shielded and self.policy.is_ideal(priority[1]):
                     break
         if best is None:
             raise NoEvictableSlot(f"all {self.num_slots} slots are pinned or loading")

@@ -137,7 +137,7 @@ def print_table(rows: list[BenchRow], title: str, tags: list[str] | None = None)
 
     table = Table(title=title)
     columns = (["cache"] if tags else []) + ["baseline", "prompt", "batch", "tok/s", "min-max", "TTFT ms", "floor ms",
-                                             "p50 ms", "p99 ms", "hit", "recall@1", "MB/tok", "stall s", "overlap",
+                                             "p50 ms", "p99 ms", "decode hit", "recall@1", "MB/tok", "stall s", "overlap",
                                              "reuse", "host MiB", "dev MiB", "same tokens"]
     for c in columns:
         table.add_column(c, justify="left" if c in ("baseline", "cache") else "right")

@@ -66,7 +66,7 @@ class LoadStats:
 
 @dataclass(frozen=True)
 class GenerationStats:
-    hit_rate: float  # routed activations whose expert was READY when routed
+    hit_rate: float  # routed activations whose expert was READY when routed (prompt and decode)
     loads: int  # slots filled (critical + speculative)
     evictions: int
     bytes_moved: int  # bytes copied into slots
@@ -83,6 +83,7 @@ class GenerationStats:
     decode_bytes_per_token: float = 0.0  # bytes copied into slots per decode step (prefill excluded)
     per_token_s: tuple[float, ...] = ()  # wall time of each decode step
     batch_size: int = 1
+    decode_hit_rate: float = 0.0  # hit rate of the decode steps alone
     reuse: float = 0.0  # decode activations per distinct expert per layer step (> 1 when a batch shares experts)
     prefill_bytes_needed: int = 0  # distinct experts the prompt routed x expert bytes (the TTFT link floor's bytes)
 
@@ -275,7 +276,7 @@ class Engine:
             critical_loads=ss.critical, speculative_loads=cs.loads - ss.critical, wasted_loads=cs.wasted,
             host_computed=rt.host_computed, recall=self.runtime.recall_and_reset(), per_token_s=steps,
             decode_bytes_per_token=(streamer.bytes[-1] - streamer.bytes[0]) / len(steps) / len(prompt_ids)
-            if steps else 0.0, batch_size=len(prompt_ids), reuse=rt.reuse,
+            if steps else 0.0, batch_size=len(prompt_ids), reuse=rt.reuse, decode_hit_rate=rt.decode_hit_rate,
             prefill_bytes_needed=rt.prefill_experts * self.load_stats.expert_bytes)
         sequences = out[:, width:].tolist()
         return Generation(token_ids=sequences[0], stats=stats, sequences=sequences)

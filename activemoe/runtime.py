@@ -45,10 +45,15 @@ class RuntimeStats:
     prefill_experts: int = 0  # distinct experts routed per MoE layer, summed over the prompt's layers
     decode_activations: int = 0  # activations of decode steps (all sequences of a batch)
     decode_experts: int = 0  # distinct experts routed per MoE layer, summed over decode steps
+    decode_hits: int = 0  # decode activations whose expert was READY when routed
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.activations if self.activations else 0.0
+
+    @property
+    def decode_hit_rate(self) -> float:
+        return self.decode_hits / self.decode_activations if self.decode_activations else 0.0
 
     @property
     def reuse(self) -> float:
@@ -168,7 +173,10 @@ class ExpertRuntime:
             predicted += [(eid, due, prob) for e, prob in zip(experts, p.probs)
                           if (eid := ExpertId(p.layer, e)) not in sent and not sent.add(eid)]
         ready, waiting = self.loader.begin_layer(event, [ExpertId(layer, e) for e in routed], predicted)
-        self.stats.hits += sum(counts[eid.expert] for eid, _ in ready)
+        hits = sum(counts[eid.expert] for eid, _ in ready)
+        self.stats.hits += hits
+        if self.decoding:
+            self.stats.decode_hits += hits
         pending = set(waiting)
         try:
             while ready:  # a loop of small per-expert calls beats one grouped call over a large slab
