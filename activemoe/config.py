@@ -27,7 +27,8 @@ class PrefetchConfig:
     predictor: str = "none"  # key of predictors.PREDICTORS
     lookahead: int = 1  # MoE layers ahead that predictions reach
     issue_window: int = 2  # speculative loads in flight at once; the rest stay queued and cancellable
-    chunk_bytes: int = 1 << 20  # copy granularity: a critical load overtakes speculative work between chunks
+    chunk_bytes: int | None = None  # copy granularity (a critical load overtakes, a stale speculative load
+    #                                 stops, between chunks); None: an eighth of an expert, at least 64 KiB
     budget: int | None = None  # predicted experts prefetched per target layer; None: the model's top-k
     predictor_file: str | None = None  # learned heads; None: activemoe-predictor.safetensors in the model dir
     stream_prefill: bool = True  # while a prompt runs layer N, queue layer N+1's experts (not with predictor "none")

@@ -410,7 +410,7 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     store.preload(on_progress)
     prefetch = config.prefetch
     slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, EmulatedLink(config.link.link_gbps),
-                    prefetch.chunk_bytes)
+                    prefetch.chunk_bytes or max(64 << 10, store.expert_bytes // 8))
     loader = Loader(store, slab, ExpertCache(num_slots, policy), PrefetchScheduler(prefetch.issue_window))
     first = next(iter(experts.values()))
     miss_cost = profile_host_expert(first, store) if config.experts_on == "auto" else None
@@ -477,7 +477,7 @@ def _check_choices(config: EngineConfig) -> None:
     p = config.prefetch
     if p.predictor not in PREDICTORS:
         raise UserError(f"unknown predictor {p.predictor!r}; known: {', '.join(PREDICTORS)}")
-    if p.lookahead < 1 or p.issue_window < 1 or p.chunk_bytes < 1:
+    if p.lookahead < 1 or p.issue_window < 1 or (p.chunk_bytes is not None and p.chunk_bytes < 1):
         raise UserError("--lookahead, the issue window and the chunk size must be at least 1")
     if config.routing not in ROUTING:
         raise UserError(f"unknown --routing {config.routing!r}; known: {', '.join(ROUTING)}")

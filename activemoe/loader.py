@@ -193,6 +193,11 @@ class Loader:
     def _next(self) -> LoadTask | None:
         """The task to give the next chunk to; starts it (allocates its slot) if needed."""
         for task in self.scheduler.candidates():
+            if task.cancelled:  # no chunk is in flight (the worker is asking): free its slot
+                self.cache.abort(task.slot)
+                self._sources.pop(task.eid, None)
+                self.scheduler.finish(task)
+                continue
             if task.slot is not None:
                 return task
             try:

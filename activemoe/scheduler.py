@@ -24,6 +24,7 @@ class LoadTask:
     slot: int | None = None  # set when the task starts (in flight)
     chunks_done: int = 0
     abandoned: bool = False  # its consumer went away (error or host compute): release on completion
+    cancelled: bool = False  # speculative, in flight, and its layer routed without it: stop between chunks
     version: int = 0  # bumped on re-prioritisation; stale heap entries are skipped
 
     def key(self) -> tuple:
@@ -38,6 +39,7 @@ class SchedulerStats:
     promoted: int = 0  # speculative tasks that became critical
     merged: int = 0  # duplicate requests folded into an existing task
     dropped: int = 0  # queued speculative tasks cancelled
+    cancelled: int = 0  # in-flight speculative tasks stopped between chunks
 
     def get_and_reset(self) -> SchedulerStats:
         snapshot = SchedulerStats(**{f.name: getattr(self, f.name) for f in fields(self)})
@@ -66,7 +68,7 @@ class PrefetchScheduler:
             return self._add(LoadTask(eid, True, due, 1.0, next(self._seq)))
         if not task.critical:
             self.stats.promoted += 1
-            task.critical, task.due, task.prob = True, min(task.due, due), 1.0
+            task.critical, task.due, task.prob, task.cancelled = True, min(task.due, due), 1.0, False
             self._reprioritise(task)
         return task
 
@@ -76,7 +78,9 @@ class PrefetchScheduler:
             self.stats.speculative += 1
             return self._add(LoadTask(eid, False, due, prob, next(self._seq)))
         self.stats.merged += 1
-        if not task.critical and (due < task.due or (due == task.due and prob > task.prob)):
+        if task.cancelled:  # wanted again before it stopped
+            task.cancelled, task.due, task.prob = False, due, prob
+        elif not task.critical and (due < task.due or (due == task.due and prob > task.prob)):
             task.due, task.prob = min(due, task.due), max(prob, task.prob)
             self._reprioritise(task)
         return task
@@ -85,11 +89,15 @@ class PrefetchScheduler:
         self.protected[eid] = max(due, self.protected.get(eid, due))
 
     def routed(self, event: int, needed: set[ExpertId]) -> list[LoadTask]:
-        """Layer event `event` has routed: drop queued speculative tasks due by then that it did not need."""
-        stale = [t for t in self.tasks.values()
-                 if not t.critical and t.slot is None and t.due <= event and t.eid not in needed]
+        """Layer event `event` has routed: drop queued speculative tasks due by then that it did not need,
+        and mark such tasks in flight cancelled (the loader stops them between chunks)."""
+        stale = [t for t in self.tasks.values() if not t.critical and t.due <= event and t.eid not in needed]
         for task in stale:
-            self.drop(task)
+            if task.slot is None:
+                self.drop(task)
+            elif not task.cancelled:
+                task.cancelled = True
+                self.stats.cancelled += 1
         self.protected = {e: due for e, due in self.protected.items() if due > event}
         return stale
 
