@@ -1,5 +1,6 @@
 """`make demo`: generate on the bundled trained model with a quarter of the experts in device slots,
-reactive (on-demand LRU) and predictive (learned lookahead + SLRU), over an emulated link.
+reactive (on-demand LRU) and predictive (learned lookahead + SLRU), over an emulated link; prints the
+table and saves one plot (out/demo.png). The full grid is `activemoe compare`.
 
 Before the bundled model exists, it builds a small random checkpoint instead and says so.
 """
@@ -40,14 +41,14 @@ def main() -> int:
                                                      link=LinkConfig(link_gbps=LINK_GBPS)),
             f"{predictor} + SLRU": EngineConfig(
                 cache=CacheConfig(slot_fraction=0.25, policy="slru"), link=LinkConfig(link_gbps=LINK_GBPS),
-                prefetch=PrefetchConfig(predictor=predictor, lookahead=2)),
+                prefetch=PrefetchConfig(predictor=predictor, lookahead=3)),
         }
         console.print(f"[bold]model:[/] {label}")
         greedy = SamplingConfig(do_sample=False)
         table = Table(title=f"decode, measured wall clock (this CPU), emulated link {LINK_GBPS} GB/s")
-        for column in ("configuration", "slots", "hit rate", "recall@1", "MB moved", "stall s", "tok/s"):
+        for column in ("configuration", "slots", "decode hit", "recall@1", "MB moved", "stall s", "tok/s"):
             table.add_column(column, justify="right")
-        texts = []
+        texts, speeds, hits = [], [], []
         for name, config in configs.items():
             with activemoe.load(model_dir, config) as engine:
                 prompt = engine.encode(PROMPT) if engine.tokenizer is not None else [5, 6, 7, 8]
@@ -57,7 +58,9 @@ def main() -> int:
                 s, ls = out.stats, engine.load_stats
                 texts.append(engine.decode(out.token_ids) if engine.tokenizer is not None else str(out.token_ids))
                 recall = s.recall.get("1")
-                table.add_row(name, f"{ls.num_slots}/{ls.total_experts}", f"{s.hit_rate:.3f}",
+                speeds.append(s.decode_tok_s)
+                hits.append(s.decode_hit_rate)
+                table.add_row(name, f"{ls.num_slots}/{ls.total_experts}", f"{s.decode_hit_rate:.3f}",
                               "-" if recall is None else f"{recall:.3f}", f"{s.bytes_moved / 1e6:.1f}",
                               f"{s.stall_s:.3f}", f"{s.decode_tok_s:.1f}")
         console.print(f"[bold]prompt:[/] {PROMPT!r}")
@@ -65,7 +68,30 @@ def main() -> int:
         console.print(PROMPT + texts[0], markup=False, highlight=False)
         assert texts[0] == texts[1], "exact mode changed the output"
         console.print(table)
+    plot = Path("out") / "demo.png"
+    save_plot(list(configs), speeds, hits, plot, f"bundled model, 25% of experts in slots, emulated link {LINK_GBPS} GB/s")
+    console.print(f"plot: {plot} (measured wall clock, this CPU)")
     return 0
+
+
+def save_plot(names: list[str], speeds: list[float], hits: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.bar(names, speeds, color=["tab:gray", "tab:blue"])
+    left.set_ylabel("decode tokens/s (measured)")
+    right.bar(names, hits, color=["tab:gray", "tab:blue"])
+    right.set_ylabel("decode hit rate")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
