@@ -14,6 +14,7 @@ import torch
 from activemoe.baselines import RunResult, Runner, make_runner
 from activemoe.config import CacheConfig, EngineConfig
 from activemoe.errors import UserError
+from activemoe.learned import SIDECAR
 from activemoe.trace import HELDOUT_LIST, split_texts
 
 Progress = Callable[[str], None]  # called before each run with a description
@@ -22,8 +23,7 @@ Progress = Callable[[str], None]  # called before each run with a description
 @dataclass(frozen=True)
 class BenchConfig:
     model_dir: Path
-    baselines: tuple[str, ...] = ("transformers", "accelerate", "reactive", "host", "pregate+slru@2",
-                                  "learned+slru@2")
+    baselines: tuple[str, ...] = ("transformers", "accelerate", "reactive", "host", "pregate+slru@3")
     prompt_lengths: tuple[int, ...] = (16, 128, 512)
     batch_sizes: tuple[int, ...] = (1,)
     new_tokens: int = 64
@@ -57,6 +57,12 @@ class BenchRow:
     overlap: float | None = None
     reuse: float | None = None
     ttft_floor_s: float | None = None  # prefill's distinct experts x expert bytes / link (emulated link only)
+
+
+def default_baselines(model_dir: Path) -> tuple[str, ...]:
+    """The baselines, plus the learned predictor when the model directory ships its heads."""
+    learned = ("learned+slru@3",) if (model_dir / SIDECAR).is_file() else ()
+    return BenchConfig.__dataclass_fields__["baselines"].default + learned
 
 
 def prompts_for(model_dir: Path, encode, vocab_size: int, length: int, batch: int) -> list[list[int]]:

@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from activemoe.bench import BenchConfig, BenchRow, cache_config, compare_grid, run_bench
+from activemoe.bench import BenchConfig, BenchRow, cache_config, compare_grid, default_baselines, run_bench
 from activemoe.config import DTYPES, CacheConfig, EngineConfig, LinkConfig, PrefetchConfig
 from activemoe.errors import UserError
 
@@ -44,8 +44,8 @@ def add_parsers(sub) -> None:
                                    "experts), reactive (on-demand LRU), host (experts computed on the host), and "
                                    "PREDICTOR[+POLICY][@LOOKAHEAD], e.g. learned+slru@2.")
     _common(p)
-    p.add_argument("--baselines", default=",".join(BenchConfig.__dataclass_fields__["baselines"].default),
-                   help="comma-separated baselines (default: %(default)s)")
+    p.add_argument("--baselines", help="comma-separated baselines (default: transformers,accelerate,reactive,host,"
+                                       "pregate+slru@3, and learned+slru@3 when the model ships learned heads)")
     p.add_argument("--prompt-lengths", default="16,128,512", help="prompt tokens, comma-separated (default 16,128,512)")
     p.add_argument("--batch-size", default="1", help="batch sizes, comma-separated, e.g. 1,4,8 (default 1)")
     p.add_argument("--cache", default="25%", help="expert slots: a share of all experts (25%%) or a count (default 25%%)")
@@ -217,7 +217,9 @@ def _plot_compare(tagged: list[tuple[str, BenchRow]], path: str) -> None:
 
 
 def cmd_bench(args) -> int:
-    config = _config(args, tuple(b for b in args.baselines.split(",") if b), _ints(args.prompt_lengths, "--prompt-lengths"),
+    baselines = (tuple(b for b in args.baselines.split(",") if b) if args.baselines
+                 else default_baselines(Path(args.model)))
+    config = _config(args, baselines, _ints(args.prompt_lengths, "--prompt-lengths"),
                      _ints(args.batch_size, "--batch-size"), args.cache)
     out = _out_dir(args)
     rows = _measure(lambda progress: run_bench(config, progress))
