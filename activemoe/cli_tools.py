@@ -127,13 +127,15 @@ def _add_trace(sub) -> None:
 
 def _add_predictor_commands(sub) -> None:
     p = sub.add_parser("train-predictor", help="train learned lookahead heads from a trace",
-                       description="Train one linear head per (MoE layer, lookahead k) on a trace recorded with "
-                                   "--hidden; with --model, heads start from the pre-gate.")
+                       description="Train one head per (MoE layer, lookahead k) on a trace recorded with --hidden: "
+                                   "a linear map (with --model, started from the pre-gate) plus a residual MLP.")
     p.add_argument("--trace", required=True)
     p.add_argument("--out", required=True, help="predictor sidecar to write (safetensors)")
     p.add_argument("--model", help="the trace's model directory: start the heads from its routers (recommended)")
     p.add_argument("--lookahead", type=int, default=3)
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--mlp-width", type=int, default=256,
+                   help="width of each head's residual MLP (0: linear heads only; default 256)")
     e = sub.add_parser("predict-eval", help="recall@k and precision@k of each predictor on a trace",
                        description="Teacher-forced evaluation of pregate, history and learned predictors on a "
                                    "trace: recall@k / precision@k per target layer and lookahead at a budget of "
@@ -203,7 +205,9 @@ def cmd_train_predictor(args) -> int:
         with engine.load(args.model, EngineConfig()) as eng:
             trace.check_model(eng.shape_id)
             routers = router_parts(eng.model, offloaded_modules(eng.model))
-    heads = train_heads(trace, args.lookahead, routers, epochs=args.epochs)
+    if args.mlp_width < 0:
+        raise UserError("--mlp-width must be 0 (linear heads) or positive")
+    heads = train_heads(trace, args.lookahead, routers, epochs=args.epochs, mlp_width=args.mlp_width)
     meta = {k: trace.meta[k] for k in ("model_type", "num_experts", "top_k", "hidden_size", "layers", "shape_id")}
     save_heads(args.out, heads, {**meta, "lookahead": str(args.lookahead)})
     print(json.dumps({"predictor_file": args.out, "heads": len(heads), "lookahead": args.lookahead}))

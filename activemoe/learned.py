@@ -1,7 +1,8 @@
-"""Learned lookahead heads: one linear head per (source MoE layer, distance k) on the source layer's
-MoE input, predicting the experts routed k MoE layers later. Initialised from the pre-gate (the
-target router with the norm ratio folded in) when the model is given, then trained on a trace.
-Saved as a safetensors sidecar tied to the model's shape. Legend: N rows, H hidden, E experts.
+"""Learned lookahead heads: one head per (source MoE layer, distance k) on the source layer's MoE
+input, predicting the experts routed k MoE layers later: a linear map, initialised from the pre-gate
+(the target router with the norm ratio folded in) when the model is given, plus an optional residual
+MLP (width M, starting at zero, so training starts from the pre-gate). Trained on a trace, saved as
+a safetensors sidecar tied to the model's shape. Legend: N rows, H hidden, E experts, M MLP width.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
 from activemoe.errors import UserError
@@ -17,7 +19,8 @@ from activemoe.predictors import Prediction, StackedHeads, pregate_weights
 from activemoe.trace import Trace, save_atomic
 
 SIDECAR = "activemoe-predictor.safetensors"
-Heads = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]  # (source layer, k) -> (W [E, H], b [E])
+MLP = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (W1 [M, H], b1 [M], W2 [E, M])
+Heads = dict[tuple[int, int], tuple]  # (source layer, k) -> (W [E, H], b [E]) or (W, b, MLP)
 
 
 def pairs(trace: Trace, lookahead: int) -> dict[tuple[int, int], tuple[list[int], list[int]]]:
@@ -35,7 +38,7 @@ def pairs(trace: Trace, lookahead: int) -> dict[tuple[int, int], tuple[list[int]
 
 
 def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | None = None, epochs: int = 30,
-                lr: float = 3e-3, on_progress=None) -> Heads:
+                lr: float = 3e-3, mlp_width: int = 0, on_progress=None) -> Heads:
     if trace.hidden is None:
         raise UserError("the trace has no hidden states; record it with --hidden")
     E, H = trace.num_experts, trace.hidden.shape[1]
@@ -48,16 +51,26 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
         y = y / y.sum(-1, keepdim=True)
         dst = layers[layers.index(src) + k]
         w, b = pregate_weights(routers, src, dst) if routers else (torch.zeros(E, H), torch.zeros(E))
-        w, b = w.requires_grad_(), b.requires_grad_()
-        opt = torch.optim.Adam([w, b], lr=lr)
+        params = [w.requires_grad_(), b.requires_grad_()]
+        if mlp_width:
+            w1 = (torch.randn(mlp_width, H) / H**0.5).requires_grad_()
+            b1, w2 = torch.zeros(mlp_width).requires_grad_(), torch.zeros(E, mlp_width).requires_grad_()
+            params += [w1, b1, w2]
+
+        def logits(xb):  # [n, E]
+            out = xb @ w.T + b
+            return out + F.gelu(xb @ w1.T + b1) @ w2.T if mlp_width else out
+
+        opt = torch.optim.Adam(params, lr=lr)
         with torch.enable_grad():
             for _ in range(epochs):
-                for batch in torch.randperm(len(x)).split(2048):
-                    loss = -(y[batch] * (x[batch] @ w.T + b).log_softmax(-1)).sum(-1).mean()
+                for batch in torch.randperm(len(x)).split(1024 if mlp_width else 2048):
+                    loss = -(y[batch] * logits(x[batch]).log_softmax(-1)).sum(-1).mean()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-        heads[(src, k)] = (w.detach(), b.detach())
+        heads[(src, k)] = tuple(p.detach() for p in params[:2]) + ((tuple(p.detach() for p in params[2:]),)
+                                                                 if mlp_width else ())
         if on_progress:
             on_progress(n + 1, len(jobs))
     return heads
@@ -65,8 +78,11 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
 
 def save_heads(path: str | os.PathLike, heads: Heads, meta: dict[str, str]) -> None:
     tensors = {}
-    for (src, k), (w, b) in heads.items():
+    for (src, k), (w, b, *mlp) in heads.items():
         tensors[f"head.{src}.{k}.weight"], tensors[f"head.{src}.{k}.bias"] = w, b
+        if mlp:
+            for name, t in zip(("mlp_in.weight", "mlp_in.bias", "mlp_out.weight"), mlp[0]):
+                tensors[f"head.{src}.{k}.{name}"] = t
     save_atomic(tensors, path, {**meta, "format": "activemoe-predictor", "version": "1"})
 
 
@@ -87,9 +103,13 @@ def load_heads(path: str | os.PathLike, expected_shape_id: str) -> Heads:
                         f"{meta.get('shape_id')}); train one for this model")
     heads: Heads = {}
     for key, w in tensors.items():
-        if key.endswith(".weight"):
-            _, src, k, _ = key.split(".")
-            heads[(int(src), int(k))] = (w.float(), tensors[key[:-len("weight")] + "bias"].float())
+        parts = key.split(".")
+        if len(parts) == 4 and parts[3] == "weight":  # head.SRC.K.weight
+            prefix = key[:-len("weight")]
+            head = (w.float(), tensors[prefix + "bias"].float())
+            if prefix + "mlp_in.weight" in tensors:
+                head += (tuple(tensors[prefix + n].float() for n in ("mlp_in.weight", "mlp_in.bias", "mlp_out.weight")),)
+            heads[(int(parts[1]), int(parts[2]))] = head
     return heads
 
 

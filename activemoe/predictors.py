@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from activemoe.errors import UserError
 from activemoe.families import RouterParts
@@ -102,21 +103,32 @@ class OraclePredictor:
 
 class StackedHeads:
     """Per source layer, the linear scorers of its next `lookahead` layers stacked into one matrix, so
-    a prediction costs one matmul, one softmax and one sort per layer (the budget is ~1% of a step)."""
+    a prediction costs one matmul, one softmax and one sort per layer (the budget is ~1% of a step).
+    A head may add a residual MLP (logits += W2 gelu(W1 x + b1)), stacked the same way."""
 
-    def __init__(self, heads: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]]):
-        # source layer -> [(target layer, W [E, H], b [E])], nearest target first
-        self.targets = {src: [t for t, _, _ in items] for src, items in heads.items()}
-        self.weight = {src: torch.cat([w for _, w, _ in items]) for src, items in heads.items() if items}  # [k*E, H]
-        self.bias = {src: torch.cat([b for _, _, b in items]) for src, items in heads.items() if items}  # [k*E]
+    def __init__(self, heads: dict[int, list[tuple]]):
+        # source layer -> [(target layer, W [E, H], b [E], optional (W1 [M, H], b1 [M], W2 [E, M]))], nearest first
+        self.targets = {src: [t for t, *_ in items] for src, items in heads.items()}
+        self.weight = {src: torch.cat([h[1] for h in items]) for src, items in heads.items() if items}  # [k*E, H]
+        self.bias = {src: torch.cat([h[2] for h in items]) for src, items in heads.items() if items}  # [k*E]
+        self.mlp = {}  # source layer -> (W1 [k*M, H], b1 [k*M], W2 block-diagonal [k*E, k*M]) if every head has one
+        for src, items in heads.items():
+            mlps = [h[3] if len(h) > 3 else None for h in items]
+            if items and all(m is not None for m in mlps):
+                self.mlp[src] = (torch.cat([m[0] for m in mlps]), torch.cat([m[1] for m in mlps]),
+                                 torch.block_diag(*[m[2] for m in mlps]))
 
     def predict(self, layer: int, hidden: torch.Tensor) -> list[Prediction]:
         weight = self.weight.get(layer)
         if weight is None:
             return []
         targets = self.targets[layer]
-        logits = torch.addmm(self.bias[layer], hidden.float(), weight.T)  # [T, k*E]
-        probs = logits.view(hidden.shape[0], len(targets), -1).softmax(-1).amax(0)  # [k, E]
+        x = hidden.float()
+        logits = torch.addmm(self.bias[layer], x, weight.T)  # [T, k*E]
+        if layer in self.mlp:
+            w1, b1, w2 = self.mlp[layer]
+            logits = torch.addmm(logits, F.gelu(torch.addmm(b1, x, w1.T)), w2.T)  # + [T, k*M] @ [k*M, k*E]
+        probs = logits.view(x.shape[0], len(targets), -1).softmax(-1).amax(0)  # [k, E]
         values, experts = probs.sort(-1, descending=True)
         return [Prediction(k, target, tuple(e), tuple(v))
                 for k, (target, e, v) in enumerate(zip(targets, experts.tolist(), values.tolist()), start=1)]
