@@ -63,6 +63,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--routing", default="exact", choices=ROUTING,
                    help="exact (default), or pregated: APPROXIMATE, opt-in — layer N+1 is routed by a decision "
                         "made at layer N, so no load is late; it changes the output (see `activemoe perplexity`)")
+    cli_tools.add_precision_flags(p)
+    p.add_argument("--late-miss", default="none",
+                   help="none (default), or int4: APPROXIMATE, opt-in — a miss whose full copy would arrive later "
+                        "than its int4 copy is computed from the int4 copy (counted as late_miss_int4)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
@@ -97,6 +101,7 @@ def cmd_generate(args) -> int:
         raise UserError("--lookahead must be at least 1")
     config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache, store=args.store, routing=args.routing,
                           experts_on=args.experts_on, link=LinkConfig(link_gbps=args.link_gbps),
+                          precision=args.precision, late_miss=args.late_miss, quant_cache_dir=args.quant_cache,
                           prefetch=PrefetchConfig(predictor=args.predictor, lookahead=args.lookahead,
                                                   predictor_file=args.predictor_file))
     do_sample = False if args.greedy else (True if args.temperature is not None or args.top_p is not None else None)
@@ -125,7 +130,9 @@ def cmd_generate(args) -> int:
     out = eng.generate(ids, args.max_new_tokens, sampling, on_token=None if args.json else on_token)
     stats = {**{k: v for k, v in asdict(out.stats).items() if k != "per_token_s"}, "num_slots": eng.load_stats.num_slots, "total_experts": eng.load_stats.total_experts,
              "device": str(eng.device), "link_gbps": args.link_gbps, "measured": "wall clock",
-             "routing": args.routing + (" (approximate)" if args.routing != "exact" else "")}
+             "routing": args.routing + (" (approximate)" if args.routing != "exact" else ""),
+             "precision": args.precision + (" (approximate)" if args.precision != "native" else ""),
+             "late_miss": args.late_miss + (" (approximate)" if args.late_miss != "none" else "")}
     eng.close()
     if args.json:
         print(json.dumps({"token_ids": out.token_ids, "text": eng.decode(out.token_ids), "stats": stats}))

@@ -20,7 +20,9 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from activemoe import quant
 from activemoe.cache import ExpertCache
+from activemoe.compressed import CompressedStore, Int4Substitute
 from activemoe.config import EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, PrefetchConfig, SamplingConfig
 from activemoe.errors import UserError
 from activemoe.families import (experts_classes, experts_without_weights, offloaded_modules, router_parts, routers,
@@ -35,7 +37,7 @@ from activemoe.predictors import (PREDICTORS, AdaptivePredictor, HistoryPredicto
                                   PregatePredictor)
 from activemoe.runtime import IMPLEMENTATION, ExpertRuntime
 from activemoe.scheduler import PrefetchScheduler
-from activemoe.slots import EmulatedLink, SlotSlab
+from activemoe.slots import CompressedSlab, EmulatedLink, SlotSlab
 from activemoe.store import TIERS, CheckpointIndex, ExpertStore, model_dir_of
 from activemoe.trace import Recorder, Trace, shape_id
 
@@ -81,6 +83,7 @@ class GenerationStats:
     recall: dict[str, float] = field(default_factory=dict)  # lookahead k -> live recall@k over decode steps
     decode_bytes_per_token: float = 0.0  # bytes copied into slots per decode step (prefill excluded)
     per_token_s: tuple[float, ...] = ()  # wall time of each decode step
+    late_miss_int4: int = 0  # critical misses computed from their int4 copy (--late-miss int4, approximate)
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ class Engine:
         for stats in (self.runtime.stats, loader.stats, loader.cache.stats, loader.scheduler.stats):
             stats.get_and_reset()
         self.runtime.recall_and_reset()
-        streamer = _TimingStreamer(on_token, lambda: loader.stats.bytes_moved)
+        streamer = _TimingStreamer(on_token, lambda: loader.stats.bytes_moved + self.runtime.stats.late_miss_bytes)
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                   streamer=streamer, **kwargs)
         rt, ld = self.runtime.stats.get_and_reset(), loader.stats.get_and_reset()
@@ -242,13 +245,14 @@ class Engine:
         times = streamer.times
         steps = tuple(b - a for a, b in zip(times, times[1:]))
         stats = GenerationStats(
-            hit_rate=rt.hit_rate, loads=cs.loads, evictions=cs.evictions, bytes_moved=ld.bytes_moved,
+            hit_rate=rt.hit_rate, loads=cs.loads, evictions=cs.evictions, bytes_moved=ld.bytes_moved + rt.late_miss_bytes,
             ttft_s=(times[0] - streamer.start) if times else 0.0,
             decode_tok_s=len(steps) / sum(steps) if steps and sum(steps) > 0 else 0.0,
             peak_rss_bytes=peak_rss_bytes(), stall_s=ld.stall_s,
             overlap=max(0.0, 1.0 - ld.stall_s / ld.busy_s) if ld.busy_s > 0 else 1.0,
             critical_loads=ss.critical, speculative_loads=cs.loads - ss.critical, wasted_loads=cs.wasted,
             host_computed=rt.host_computed, recall=self.runtime.recall_and_reset(), per_token_s=steps,
+            late_miss_int4=rt.late_miss_int4,
             decode_bytes_per_token=(streamer.bytes[-1] - streamer.bytes[0]) / len(steps) if steps else 0.0)
         return Generation(token_ids=out[0, len(prompt_ids):].tolist(), stats=stats)
 
@@ -366,10 +370,19 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     top_k = _top_k(hf_config)
     total = len(store.experts())
     num_slots = budget.num_slots if budget else num_slots_for(config.cache, total, store.expert_bytes, top_k)
-    store.preload(on_progress)
-    prefetch = config.prefetch
-    slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, EmulatedLink(config.link.link_gbps),
-                    prefetch.chunk_bytes)
+    prefetch, link = config.prefetch, EmulatedLink(config.link.link_gbps)
+    if config.precision == "native":
+        store.preload(on_progress)
+        slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, link, prefetch.chunk_bytes)
+    else:  # approximate: compressed host copies, dequantised into full-precision slots
+        store = CompressedStore.open(store, model_dir, config.precision, config.quant_cache_dir, on_progress)
+        slab = CompressedSlab(num_slots, store.spec.shapes, dtype, device, store.part_shapes(),
+                              store.layout.decode_into, link, prefetch.chunk_bytes)
+    late_miss = None
+    if config.late_miss == "int4":
+        int4 = CompressedStore.open(store.base if config.precision != "native" else store, model_dir, "int4",
+                                    config.quant_cache_dir, on_progress)
+        late_miss = Int4Substitute(int4, link, device)
     loader = Loader(store, slab, ExpertCache(num_slots, policy), PrefetchScheduler(prefetch.issue_window))
     first = next(iter(experts.values()))
     miss_cost = profile_host_expert(first, store) if config.experts_on == "auto" else None
@@ -380,7 +393,7 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
         predictor = _predictor(prefetch, model, experts, store.num_experts)
     runtime = ExpertRuntime(store, loader, predictor,
                             budget=prefetch.budget or None,
-                            experts_on=config.experts_on, miss_cost=miss_cost)
+                            experts_on=config.experts_on, miss_cost=miss_cost, late_miss=late_miss)
     for layer, module in experts.items():
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
     tokenizer = _tokenizer(model_dir)
@@ -442,6 +455,9 @@ def _check_choices(config: EngineConfig) -> None:
         raise UserError(f"unknown store {config.store!r}; known: {', '.join(TIERS)}")
     if config.experts_on not in EXPERTS_ON:
         raise UserError(f"unknown --experts-on {config.experts_on!r}; known: {', '.join(EXPERTS_ON)}")
+    quant.check_precision(config.precision, config.late_miss)
+    if config.precision != "native" and config.store != "ram":
+        raise UserError(f"--precision {config.precision} keeps the compressed copies in RAM; use it with --store ram")
     if config.link.link_gbps is not None and config.link.link_gbps <= 0:
         raise UserError("--link-gbps must be positive")
 

@@ -41,6 +41,8 @@ class RuntimeStats:
     activations: int = 0  # routed (token, layer, expert) activations
     hits: int = 0  # activations whose expert was READY when routed
     host_computed: int = 0  # experts computed from their host copy instead of a slot
+    late_miss_int4: int = 0  # critical misses served from their int4 copy (--late-miss int4, approximate)
+    late_miss_bytes: int = 0  # int4 bytes those moved
 
     @property
     def hit_rate(self) -> float:
@@ -93,8 +95,10 @@ def grouped_forward(module, weights: dict[str, torch.Tensor], num: int, hidden: 
 
 class ExpertRuntime:
     def __init__(self, store: ExpertStore, loader: Loader, predictor: Predictor | None = None,
-                 budget: int | None = None, experts_on: str = "device", miss_cost: MissCostModel | None = None):
+                 budget: int | None = None, experts_on: str = "device", miss_cost: MissCostModel | None = None,
+                 late_miss=None):
         self.store, self.loader = store, loader
+        self.late_miss = late_miss  # a compressed.Int4Substitute, or None
         self.predictor = predictor or NoPredictor()
         self.budget, self.experts_on, self.miss_cost = budget, experts_on, miss_cost
         self.stats = RuntimeStats()
@@ -151,6 +155,10 @@ class ExpertRuntime:
                 eid, slot = ready.pop()
                 self._run_slot(run, eid, slot)
             while pending:
+                if self.late_miss is not None:
+                    self._serve_late(run, pending, event)
+                    if not pending:
+                        break
                 if self.experts_on == "auto":
                     for eid in sorted(pending):
                         if self.miss_cost.prefer_host(counts[eid.expert], self.loader.remaining_s(eid)):
@@ -169,6 +177,18 @@ class ExpertRuntime:
             self.loader.abandon(pending)
             raise
         return out
+
+    def _serve_late(self, run, pending: set[ExpertId], event: int) -> None:
+        """--late-miss int4: compute each miss whose full copy would land after its int4 copy from the
+        int4 copy; the full copy still loads, as a prefetch for this layer's next call."""
+        for eid in sorted(pending):
+            if self.late_miss.late(self.loader.remaining_s(eid)):
+                self.loader.abandon([eid])
+                pending.discard(eid)
+                run(eid, self.late_miss.weights(eid))
+                self.stats.late_miss_int4 += 1
+                self.stats.late_miss_bytes += self.late_miss.store.expert_bytes
+                self.loader.prefetch(eid, event + len(self.store.layers))
 
     def _score(self, event: int, routed: list[int], decode: bool) -> None:
         """recall@k over decode steps: the share of this layer's routed experts named k layers earlier
