@@ -106,13 +106,6 @@ class Loader:
             ahead = sum(1 for t in self.scheduler.tasks.values() if t.critical and t.key() > task.key())
             return self.slab.link.transfer_s(sum(c.nbytes for c in chunks) + ahead * self.slab.expert_bytes)
 
-    def prefetch(self, eid: ExpertId, due: int) -> None:
-        """Load `eid` speculatively for event `due`, unless it is resident or queued already."""
-        with self.cond:
-            if self.cache.slot_of(eid) is None and eid not in self.scheduler.tasks:
-                self.scheduler.speculate(eid, due, 1.0)
-                self.cond.notify_all()
-
     def touch(self, slot: int) -> None:
         with self.cond:
             self.cache.touch(slot)

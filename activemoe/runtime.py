@@ -42,6 +42,7 @@ class RuntimeStats:
     hits: int = 0  # activations whose expert was READY when routed
     host_computed: int = 0  # experts computed from their host copy instead of a slot
     late_miss_int4: int = 0  # critical misses served from their int4 copy (--late-miss int4, approximate)
+    late_miss_activations: int = 0  # routed activations those served
     late_miss_bytes: int = 0  # int4 bytes those moved
 
     @property
@@ -156,7 +157,7 @@ class ExpertRuntime:
                 self._run_slot(run, eid, slot)
             while pending:
                 if self.late_miss is not None:
-                    self._serve_late(run, pending, event)
+                    self._serve_late(run, pending, counts)
                     if not pending:
                         break
                 if self.experts_on == "auto":
@@ -178,17 +179,18 @@ class ExpertRuntime:
             raise
         return out
 
-    def _serve_late(self, run, pending: set[ExpertId], event: int) -> None:
+    def _serve_late(self, run, pending: set[ExpertId], counts: list[int]) -> None:
         """--late-miss int4: compute each miss whose full copy would land after its int4 copy from the
-        int4 copy; the full copy still loads, as a prefetch for this layer's next call."""
+        int4 copy. Its full load is abandoned: dropped if queued, cached if already in flight (requeueing
+        it as a prefetch was measured slower: its bytes compete with the next misses on the link)."""
         for eid in sorted(pending):
             if self.late_miss.late(self.loader.remaining_s(eid)):
                 self.loader.abandon([eid])
                 pending.discard(eid)
                 run(eid, self.late_miss.weights(eid))
                 self.stats.late_miss_int4 += 1
+                self.stats.late_miss_activations += counts[eid.expert]
                 self.stats.late_miss_bytes += self.late_miss.store.expert_bytes
-                self.loader.prefetch(eid, event + len(self.store.layers))
 
     def _score(self, event: int, routed: list[int], decode: bool) -> None:
         """recall@k over decode steps: the share of this layer's routed experts named k layers earlier
