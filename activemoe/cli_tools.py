@@ -115,7 +115,15 @@ def cmd_perplexity(args) -> int:
         raise UserError("--max-tokens and --seq-len must be at least 2")
     config = EngineConfig(cache=CacheConfig(slot_fraction=1.0), routing=args.routing, dtype=args.dtype,
                           precision=args.precision, quant_cache_dir=args.quant_cache)
-    with engine.load(args.model, config) as eng:
+    from activemoe.cli import _progress  # imported here: cli imports this module
+
+    bar, on_progress = _progress()  # the experts are read (and quantised, once) at load
+    if bar:
+        with bar:
+            eng = engine.load(args.model, config, on_progress)
+    else:
+        eng = engine.load(args.model, config)
+    with eng:
         ppl, tokens = eng.perplexity(_chunks(eng, _texts(args), args.seq_len, args.max_tokens))
     print(json.dumps({"model": args.model, "routing": args.routing, "precision": args.precision, "dtype": args.dtype,
                       "perplexity": ppl, "tokens": tokens,

@@ -4,9 +4,9 @@ are APPROXIMATE modes), on the bundled model at a 25% cache.
 
 Perplexity: teacher-forced over the held-out split with every expert resident; its delta is against
 native fp32 (the checkpoint's own weights). Speed: reactive loading (no predictor), LRU, greedy, each
-run from an empty cache after one warm-up, median of --runs; the link is emulated (CPU copies paced)
-at each speed of --links. Quantised copies go to a temporary --quant-cache, never into the model dir.
-One table, one JSON line.
+run from an empty cache after one warm-up, median of --runs rounds that visit every configuration in
+turn; the link is emulated (CPU copies paced) at each speed of --links. Quantised copies go to a
+temporary --quant-cache, never into the model directory. One table, one JSON line.
 
     .venv/bin/python bench/compressed_tiers.py --out bench/results/compressed_tiers_cpu.json
 """
@@ -61,14 +61,18 @@ def perplexity(model_dir, config: EngineConfig, texts: list[str], tokens: int, s
         return ppl, stats.late_miss_activations / max(1, stats.activations)
 
 
-def decode_runs(eng, prompt: list[int], new_tokens: int, runs: int):
-    eng.reset_cache()
-    eng.generate(prompt, max_new_tokens=new_tokens, sampling=GREEDY)  # warm-up
-    outs = []
-    for _ in range(runs):
+def interleaved_runs(engines: list, prompt: list[int], new_tokens: int, runs: int) -> list[list]:
+    """Decode stats per engine: one warm-up each, then `runs` rounds that visit every engine in turn,
+    each generation from an empty cache, so a slow spell of the shared machine hits all alike."""
+    for eng in engines:
         eng.reset_cache()
-        outs.append(eng.generate(prompt, max_new_tokens=new_tokens, sampling=GREEDY).stats)
-    return outs
+        eng.generate(prompt, max_new_tokens=new_tokens, sampling=GREEDY)
+    stats: list[list] = [[] for _ in engines]
+    for _ in range(runs):
+        for eng, out in zip(engines, stats):
+            eng.reset_cache()
+            out.append(eng.generate(prompt, max_new_tokens=new_tokens, sampling=GREEDY).stats)
+    return stats
 
 
 def main() -> None:
@@ -86,7 +90,7 @@ def main() -> None:
     torch.set_num_threads(1)  # one core computes, the other runs the copy thread
     links = [float(x) for x in args.links.split(",")]
     texts = split_texts(Path(args.model), "heldout")
-    rows = []
+    rows, engines = [], []
     with tempfile.TemporaryDirectory() as qcache:
         for label, dtype, precision, late in CONFIGS:
             base = dict(dtype=dtype, precision=precision, late_miss=late, quant_cache_dir=qcache)
@@ -98,23 +102,24 @@ def main() -> None:
             ppl, substituted = perplexity(args.model, EngineConfig(cache=cache, link=LinkConfig(link), **base), texts,
                                           args.ppl_tokens, args.seq_len)
             for link in links:
-                print(f"decode: {label} at {link} GB/s ...", file=sys.stderr)
                 config = EngineConfig(cache=CacheConfig(slot_fraction=args.cache), link=LinkConfig(link), **base)
-                with activemoe.load(args.model, config) as eng:
-                    prompt = token_ids(eng, texts[:1], args.prompt_tokens)
-                    stats = decode_runs(eng, prompt, args.new_tokens, args.runs)
-                    slots, expert_bytes = eng.load_stats.num_slots, eng.runtime.loader.slab.expert_bytes
-                speeds = [s.decode_tok_s for s in stats]
+                eng = activemoe.load(args.model, config)
+                engines.append(eng)
                 rows.append(dict(config=label, dtype=dtype, precision=precision, late_miss=late, link_gbps=link,
                                  approximate=precision != "native" or late != "none", ppl=ppl,
                                  ppl_at=f"cache {args.cache:.0%}, link {min(links)} GB/s (timing-dependent)"
                                  if late != "none" else "all experts resident",
-                                 ppl_substituted_share=substituted,
-                                 expert_bytes=expert_bytes, slots=slots,
-                                 decode_bytes_per_token=statistics.median(s.decode_bytes_per_token for s in stats),
-                                 decode_tok_s=statistics.median(speeds), spread=max(speeds) - min(speeds),
-                                 hit_rate=statistics.median(s.hit_rate for s in stats),
-                                 late_miss_int4=statistics.median(s.late_miss_int4 for s in stats)))
+                                 ppl_substituted_share=substituted, expert_bytes=eng.runtime.loader.slab.expert_bytes,
+                                 slots=eng.load_stats.num_slots))
+        print(f"decode: {args.runs} interleaved rounds over {len(engines)} configurations ...", file=sys.stderr)
+        prompt = token_ids(engines[0], texts[:1], args.prompt_tokens)
+        for row, eng, stats in zip(rows, engines, interleaved_runs(engines, prompt, args.new_tokens, args.runs)):
+            eng.close()
+            speeds = [s.decode_tok_s for s in stats]
+            row.update(decode_bytes_per_token=statistics.median(s.decode_bytes_per_token for s in stats),
+                       decode_tok_s=statistics.median(speeds), spread=max(speeds) - min(speeds),
+                       hit_rate=statistics.median(s.hit_rate for s in stats),
+                       late_miss_int4=statistics.median(s.late_miss_int4 for s in stats))
     ref_ppl = next(r["ppl"] for r in rows if r["config"] == "native fp32")
     base_rows = {r["link_gbps"]: r for r in rows if r["config"] == CONFIGS[0][0]}
     for r in rows:
@@ -127,7 +132,7 @@ def main() -> None:
     model = os.path.relpath(args.model) if Path(args.model).resolve().is_relative_to(Path.cwd()) else args.model
     print(f"\ncompressed expert tiers — measured wall clock on {host}; {model}; cache {args.cache:.0%} "
           f"({rows[0]['slots']} slots), reactive LRU, greedy, {args.new_tokens} new tokens after a "
-          f"{args.prompt_tokens}-token held-out prompt, median of {args.runs} runs; emulated link(s) "
+          f"{args.prompt_tokens}-token held-out prompt, median of {args.runs} interleaved runs; emulated link(s) "
           f"{', '.join(f'{x} GB/s' for x in links)}; perplexity over {args.ppl_tokens} held-out tokens, delta vs "
           "native fp32 (late-miss: at the cache above over the slowest link, where it substitutes; timing-dependent); "
           "int8, int4 and late-miss int4 are APPROXIMATE; 'int4 subs' = misses computed from int4 copies per run")

@@ -226,4 +226,17 @@ def test_compressed_store_serves_host_compute(checkpoint, tmp_path):
     sequence, base = _teacher_forced_logits(model_dir, precision="int8")
     _, host = _teacher_forced_logits(model_dir, sequence, precision="int8", experts_on="host")
     torch.testing.assert_close(host, base, rtol=0, atol=1e-5)  # same dequantised weights, computed on the host
-    assert isinstance(activemoe.load(model_dir, EngineConfig(precision="int8")).runtime.store, CompressedStore)
+    with activemoe.load(model_dir, EngineConfig(precision="int8", experts_on="auto")) as eng:  # profiles a compressed expert
+        assert isinstance(eng.runtime.store, CompressedStore) and eng.runtime.miss_cost.host_s(1) > 0
+
+
+def test_generate_cli_reports_the_approximate_mode(capsys, checkpoint, tmp_path):
+    import json
+
+    from activemoe.cli import main
+
+    argv = gen(checkpoint("qwen3_moe"), "--json", "--greedy", "--precision", "int4", "--quant-cache", str(tmp_path))
+    assert main(argv) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["precision"] == "int4 (approximate)" and stats["late_miss_int4"] == 0 and stats["bytes_moved"] > 0
+    assert (tmp_path / "activemoe-int4.safetensors").is_file()
