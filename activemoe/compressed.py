@@ -56,7 +56,8 @@ class CompressedStore:
 
     def __init__(self, base: ExpertStore, tensors: dict[str, torch.Tensor], precision: str):
         self.base, self.precision = base, precision
-        self.index, self.layers, self.spec, self.dtype, self.pin = base.index, base.layers, base.spec, base.dtype, base.pin
+        self.index, self.layers, self.spec = base.index, base.layers, base.spec
+        self.dtype, self.pin = base.dtype, base.pin
         self.layout = quant.Layout(base.spec, precision)
         self.host: dict = {}  # no full-precision host copies: host compute goes expert by expert through read()
         self.tensors = {k: t.pin_memory() if base.pin else t for k, t in tensors.items()}  # [N, ...]

@@ -398,7 +398,8 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
     tokenizer = _tokenizer(model_dir)
     stats = LoadStats(model_rss_bytes=model_rss,
-                      host_store_bytes=store.expert_bytes * total if config.store == "ram" else 0,
+                      host_store_bytes=(store.expert_bytes * total if config.store == "ram" else 0)
+                      + (late_miss.store.expert_bytes * total if late_miss else 0),
                       slab_bytes=slab.nbytes, num_slots=num_slots, total_experts=total,
                       expert_bytes=store.expert_bytes, load_s=time.perf_counter() - start)
     log.info("loaded %s: %s", model_dir, asdict(stats))

@@ -2,7 +2,8 @@
 
 Per MoE layer: record the routing, ask the predictor about the next layers, hand the routed and
 predicted experts to the loader, run the experts that are READY first, then each miss as it lands,
-or on the host when the miss cost model says that is sooner. It knows nothing about model loading.
+or on the host when the miss cost model says that is sooner, or (approximate, opt-in) from its int4
+copy when the full copy would be late. It knows nothing about model loading.
 Legend: T tokens, K routed per token, H hidden, I expert width.
 """
 from __future__ import annotations

@@ -61,16 +61,18 @@ def perplexity(model_dir, config: EngineConfig, texts: list[str], tokens: int, s
         return ppl, stats.late_miss_activations / max(1, stats.activations)
 
 
-def interleaved_runs(engines: list, prompt: list[int], new_tokens: int, runs: int) -> list[list]:
+def interleaved_runs(engines: list, prompt: list[int], new_tokens: int, runs: int, warm: object = None) -> list[list]:
     """Decode stats per engine: one warm-up each, then `runs` rounds that visit every engine in turn,
-    each generation from an empty cache, so a slow spell of the shared machine hits all alike."""
+    each generation from an empty cache (except `warm`'s, which keeps its experts resident), so a slow
+    spell of the shared machine hits all alike."""
     for eng in engines:
         eng.reset_cache()
         eng.generate(prompt, max_new_tokens=new_tokens, sampling=GREEDY)
     stats: list[list] = [[] for _ in engines]
     for _ in range(runs):
         for eng, out in zip(engines, stats):
-            eng.reset_cache()
+            if eng is not warm:
+                eng.reset_cache()
             out.append(eng.generate(prompt, max_new_tokens=new_tokens, sampling=GREEDY).stats)
     return stats
 
@@ -111,9 +113,15 @@ def main() -> None:
                                  if late != "none" else "all experts resident",
                                  ppl_substituted_share=substituted, expert_bytes=eng.runtime.loader.slab.expert_bytes,
                                  slots=eng.load_stats.num_slots))
+        # the compute floor: native bf16 with every expert resident after the warm-up, no link
+        floor_engine = activemoe.load(args.model, EngineConfig(cache=CacheConfig(slot_fraction=1.0),
+                                                               dtype="bfloat16"))
         print(f"decode: {args.runs} interleaved rounds over {len(engines)} configurations ...", file=sys.stderr)
         prompt = token_ids(engines[0], texts[:1], args.prompt_tokens)
-        for row, eng, stats in zip(rows, engines, interleaved_runs(engines, prompt, args.new_tokens, args.runs)):
+        all_stats = interleaved_runs(engines + [floor_engine], prompt, args.new_tokens, args.runs, warm=floor_engine)
+        floor = statistics.median(s.decode_tok_s for s in all_stats[-1])
+        floor_engine.close()
+        for row, eng, stats in zip(rows, engines, all_stats):
             eng.close()
             speeds = [s.decode_tok_s for s in stats]
             row.update(decode_bytes_per_token=statistics.median(s.decode_bytes_per_token for s in stats),
@@ -136,13 +144,17 @@ def main() -> None:
           f"{', '.join(f'{x} GB/s' for x in links)}; perplexity over {args.ppl_tokens} held-out tokens, delta vs "
           "native fp32 (late-miss: at the cache above over the slowest link, where it substitutes; timing-dependent); "
           "int8, int4 and late-miss int4 are APPROXIMATE; 'int4 subs' = misses computed from int4 copies per run")
+    print(f"compute floor: native bf16, every expert resident, no link: {floor:.1f} tok/s (the most any "
+          f"transfer saving can reach); one bf16 expert over the link: "
+          + ", ".join(f"{base_rows[x]['expert_bytes'] / x / 1e6:.2f} ms at {x} GB/s" for x in links))
     print(f"{'config':<28} {'link GB/s':>9} {'ppl':>8} {'dppl %':>7} {'KB/expert':>9} {'KB/token':>9} "
           f"{'bytes x':>7} {'tok/s':>7} {'spread':>7} {'hit':>5} {'int4 subs':>9} {'speedup':>7}")
     for r in rows:
         print(f"{r['config']:<28} {r['link_gbps']:>9.3g} {r['ppl']:>8.3f} {r['ppl_delta_pct']:>+7.2f} "
               f"{r['expert_bytes'] / 1e3:>9.1f} "
               f"{r['decode_bytes_per_token'] / 1e3:>9.1f} {r['bytes_vs_baseline']:>7.2f} {r['decode_tok_s']:>7.2f} "
-              f"{r['spread']:>7.2f} {r['hit_rate']:>5.2f} {r['late_miss_int4']:>9.1f} {r['speedup_vs_baseline']:>6.2f}x")
+              f"{r['spread']:>7.2f} {r['hit_rate']:>5.2f} {r['late_miss_int4']:>9.1f} "
+              f"{r['speedup_vs_baseline']:>6.2f}x")
     for r in rows:
         if r["late_miss"] != "none" and r["link_gbps"] == min(links):
             print(f"{r['config']}: perplexity taken at {r['ppl_at']}, where {100 * r['ppl_substituted_share']:.0f}% "
@@ -151,7 +163,8 @@ def main() -> None:
     result = {"bench": "compressed_tiers", "model": model, "measured": "wall clock", "machine": host,
               "links_gbps": links, "cache": args.cache, "runs": args.runs, "new_tokens": args.new_tokens,
               "prompt_tokens": args.prompt_tokens, "ppl_tokens": args.ppl_tokens, "baseline": CONFIGS[0][0],
-              "ppl_reference": "native fp32", "rows": rows}
+              "ppl_reference": "native fp32", "compute_floor_tok_s": floor,
+              "compute_floor": "native bf16, every expert resident, no link", "rows": rows}
     line = json.dumps(result)
     print(line)
     if args.out:

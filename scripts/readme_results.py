@@ -84,13 +84,14 @@ def compressed() -> str:
     links = r["links_gbps"]
     configs = list(dict.fromkeys(row["config"] for row in r["rows"]))
     late = next(row for row in r["rows"] if row["late_miss"] != "none")
-    lines = [f"""Compressed expert tiers, **approximate** (`.venv/bin/python bench/compressed_tiers.py --runs {r['runs']}
---new-tokens {r['new_tokens']} --out bench/results/compressed_tiers_cpu.json`; the bundled model at a
+    lines = [f"""Compressed expert tiers, **approximate** (`.venv/bin/python bench/compressed_tiers.py
+--runs {r['runs']} --new-tokens {r['new_tokens']} --out bench/results/compressed_tiers_cpu.json`; the bundled model at a
 {r['cache']:.0%} cache, reactive LRU, greedy after a {r['prompt_tokens']}-token held-out prompt; decode tok/s,
 median of {r['runs']} interleaved runs over emulated links; held-out perplexity over {r['ppl_tokens']} tokens, delta
 against native fp32; int8/int4 dequantise into bf16 slots). Late-miss int4's perplexity is taken at the
 same cache over the {min(links)} GB/s link, where {100 * late['ppl_substituted_share']:.0f}% of routed
-activations came from int4 copies (timing-dependent):
+activations came from int4 copies (timing-dependent). Compute floor (native bf16, every expert
+resident, no link): {r['compute_floor_tok_s']:.1f} tok/s, the most any saving on transfers can reach:
 """, f"| config | perplexity (Δ) | KB moved per decode token at {links[0]} GB/s (× bf16) | "
          + " | ".join(f"tok/s at {x} GB/s (× bf16)" for x in links) + " |", "|---" * (3 + len(links)) + "|"]
     for name in configs:

@@ -226,7 +226,8 @@ def test_compressed_store_serves_host_compute(checkpoint, tmp_path):
     sequence, base = _teacher_forced_logits(model_dir, precision="int8")
     _, host = _teacher_forced_logits(model_dir, sequence, precision="int8", experts_on="host")
     torch.testing.assert_close(host, base, rtol=0, atol=1e-5)  # same dequantised weights, computed on the host
-    with activemoe.load(model_dir, EngineConfig(precision="int8", experts_on="auto")) as eng:  # profiles a compressed expert
+    # --experts-on auto profiles host compute on a compressed expert
+    with activemoe.load(model_dir, EngineConfig(precision="int8", experts_on="auto")) as eng:
         assert isinstance(eng.runtime.store, CompressedStore) and eng.runtime.miss_cost.host_s(1) > 0
 
 
