@@ -113,8 +113,8 @@ class SlotSlab:
 class CompressedSlab(SlotSlab):
     """Slots in the compute dtype, filled from compressed host copies (int8/int4, approximate): a chunk
     is a row range (output channels) of one tensor's compressed parts, which is what the link carries
-    and paces; each chunk is dequantised into its rows of the slot as it lands. CUDA: the parts are
-    staged on the device and dequantised on the copy stream, before the slot's ready event."""
+    and paces; each chunk is dequantised into its rows of the slot once it has landed. CUDA: the parts
+    are staged on the device and dequantised on the copy stream, before the slot's ready event."""
 
     def __init__(self, num_slots: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device,
                  parts: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]], decode_into,
@@ -154,6 +154,7 @@ class CompressedSlab(SlotSlab):
                 done = torch.cuda.Event()
                 done.record(self.copy_stream)
             done.synchronize()  # the staging buffers are free again before the next chunk
-        else:
+            self.link.pace(started, chunk.nbytes)
+        else:  # the compressed bytes cross the emulated link first, then are dequantised (no overlap flattered)
+            self.link.pace(started, chunk.nbytes)
             self.decode_into(chunk.name, src, dst, chunk.start, chunk.stop)
-        self.link.pace(started, chunk.nbytes)

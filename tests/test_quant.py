@@ -118,6 +118,12 @@ def test_cache_dir_option_keeps_the_model_dir_untouched(model_dir, tmp_path):
     assert not (model_dir / "activemoe-int8.safetensors").exists()
 
 
+def test_read_only_model_dir_asks_for_a_cache_dir(model_dir, monkeypatch):
+    monkeypatch.setattr(quant.os, "access", lambda path, mode: False)  # as root, chmod would not stop us
+    with pytest.raises(UserError, match="--quant-cache"):
+        _load(model_dir)
+
+
 def test_unknown_precision_names_are_clear_errors(capsys, checkpoint):
     model_dir = checkpoint("qwen3_moe")
     assert_user_error(capsys, gen(model_dir, "--precision", "int3"), "unknown precision 'int3'", "native, int8, int4")
