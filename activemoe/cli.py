@@ -64,7 +64,7 @@ def _add_generate(sub) -> None:
                    help="exact (default), or pregated: APPROXIMATE, opt-in — layer N+1 is routed by a decision "
                         "made at layer N, so no load is late; it changes the output (see `activemoe perplexity`)")
     cli_tools.add_precision_flags(p)
-    p.add_argument("--late-miss", default="none",
+    p.add_argument("--late-miss", default="none", metavar="{none,int4}",
                    help="none (default), or int4: APPROXIMATE, opt-in — a miss whose full copy would arrive later "
                         "than its int4 copy is computed from the int4 copy (counted as late_miss_int4)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")

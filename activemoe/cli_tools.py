@@ -12,11 +12,11 @@ from activemoe.families import offloaded_modules, router_parts
 
 def add_precision_flags(p) -> None:
     """--precision and --quant-cache, shared by generate, perplexity and the benchmarks' parsers."""
-    p.add_argument("--precision", default="native",
+    p.add_argument("--precision", default="native", metavar="{native,int8,int4}",
                    help="expert copies in the host tier and on the link: native (default, exact), or int8 (per "
                         "output channel) / int4 (grouped): APPROXIMATE, opt-in — fewer bytes moved, dequantised "
                         "into full-precision slots; quality cost: `activemoe perplexity --precision`")
-    p.add_argument("--quant-cache", help="directory for the quantised copies (default: the model directory; "
+    p.add_argument("--quant-cache", metavar="DIR", help="directory for the quantised copies (default: the model directory; "
                                          "built once, rebuilt when stale or corrupt)")
 
 

@@ -185,7 +185,9 @@ def _read(path: Path, expected: str) -> tuple[dict[str, torch.Tensor], str | Non
                 return {}, f"of another format ({meta.get('format')!r})"
             if meta.get("fingerprint") != expected:
                 return {}, "stale (the checkpoint changed since it was written)"
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            # copied out of the file's memory map: the host tier is RAM, and a file rewritten in place later
+            # must not pull pages from under a running engine
+            tensors = {key: f.get_tensor(key).clone() for key in f.keys()}
     except Exception as e:  # safetensors raises several types for truncated or garbled files
         return {}, f"unreadable ({type(e).__name__}: {str(e)[:120]})"
     if _crc(tensors) != meta.get("crc32"):
