@@ -247,3 +247,16 @@ def test_generate_cli_reports_the_approximate_mode(capsys, checkpoint, tmp_path)
     stats = json.loads(capsys.readouterr().out)["stats"]
     assert stats["precision"] == "int4 (approximate)" and stats["late_miss_int4"] == 0 and stats["bytes_moved"] > 0
     assert (tmp_path / "activemoe-int4.safetensors").is_file()
+
+
+def test_sharded_checkpoint_is_fingerprinted_over_all_shards(tmp_path, caplog):
+    model_dir = build_tiny_checkpoint("mixtral", tmp_path / "sharded", max_shard_size="40KB")
+    shards = sorted(p.name for p in model_dir.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    with _load(model_dir, "int8") as eng:
+        assert eng.generate([5, 6, 7], max_new_tokens=3).stats.bytes_moved > 0
+    other = build_tiny_checkpoint("mixtral", tmp_path / "other", seed=1, max_shard_size="40KB")
+    shutil.copy(other / shards[-1], model_dir / shards[-1])  # only the last shard changes
+    with caplog.at_level(logging.WARNING, logger="activemoe.quant"):
+        _load(model_dir, "int8").close()
+    assert "stale" in caplog.text
