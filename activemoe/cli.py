@@ -66,6 +66,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--replay-routing", metavar="TRACE",
                    help="APPROXIMATE, for benchmarks: force the routing recorded in TRACE (`activemoe trace record`), "
                         "mapped onto this model's shape; the output is not the model's")
+    cli_tools.add_precision_flags(p)
+    p.add_argument("--late-miss", default="none", metavar="{none,int4}",
+                   help="none (default), or int4: APPROXIMATE, opt-in — a miss whose full copy would arrive later "
+                        "than its int4 copy is computed from the int4 copy (counted as late_miss_int4)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
@@ -100,7 +104,8 @@ def cmd_generate(args) -> int:
         raise UserError("--lookahead must be at least 1")
     config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache, store=args.store, routing=args.routing,
                           experts_on=args.experts_on, link=LinkConfig(link_gbps=args.link_gbps),
-                          replay_routing=args.replay_routing,
+                          replay_routing=args.replay_routing, precision=args.precision, late_miss=args.late_miss,
+                          quant_cache_dir=args.quant_cache,
                           prefetch=PrefetchConfig(predictor=args.predictor, lookahead=args.lookahead,
                                                   predictor_file=args.predictor_file))
     do_sample = False if args.greedy else (True if args.temperature is not None or args.top_p is not None else None)
@@ -130,7 +135,9 @@ def cmd_generate(args) -> int:
     stats = {**{k: v for k, v in asdict(out.stats).items() if k != "per_token_s"}, "num_slots": eng.load_stats.num_slots, "total_experts": eng.load_stats.total_experts,
              "device": str(eng.device), "link_gbps": args.link_gbps, "measured": "wall clock",
              "routing": ("replayed from " + args.replay_routing if args.replay_routing else args.routing)
-             + (" (approximate)" if args.routing != "exact" or args.replay_routing else "")}
+             + (" (approximate)" if args.routing != "exact" or args.replay_routing else ""),
+             "precision": args.precision + (" (approximate)" if args.precision != "native" else ""),
+             "late_miss": args.late_miss + (" (approximate)" if args.late_miss != "none" else "")}
     eng.close()
     if args.json:
         print(json.dumps({"token_ids": out.token_ids, "text": eng.decode(out.token_ids), "stats": stats}))

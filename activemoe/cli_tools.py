@@ -10,6 +10,16 @@ from activemoe.errors import UserError
 from activemoe.families import offloaded_modules, router_parts
 
 
+def add_precision_flags(p) -> None:
+    """--precision and --quant-cache, shared by generate, perplexity and the benchmarks' parsers."""
+    p.add_argument("--precision", default="native", metavar="{native,int8,int4}",
+                   help="expert copies in the host tier and on the link: native (default, exact), or int8 (per "
+                        "output channel) / int4 (grouped): APPROXIMATE, opt-in — fewer bytes moved, dequantised "
+                        "into full-precision slots; quality cost: `activemoe perplexity --precision`")
+    p.add_argument("--quant-cache", metavar="DIR", help="directory for the quantised copies (default: the model directory; "
+                                         "built once, rebuilt when stale or corrupt)")
+
+
 def _add_perplexity(sub) -> None:
     p = sub.add_parser("perplexity", help="teacher-forced perplexity of a model over text (e.g. held-out)",
                        description="Perplexity through ActiveMoE, exact or with --routing pregated: the quality "
@@ -19,6 +29,8 @@ def _add_perplexity(sub) -> None:
     source.add_argument("--prompts", help="text file, one text per line")
     source.add_argument("--split", choices=("heldout", "train"), help="a bundled-style model's corpus split")
     p.add_argument("--routing", default="exact", choices=ROUTING)
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    add_precision_flags(p)
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=256)
 
@@ -101,10 +113,21 @@ def cmd_perplexity(args) -> int:
 
     if args.max_tokens < 2 or args.seq_len < 2:
         raise UserError("--max-tokens and --seq-len must be at least 2")
-    with engine.load(args.model, EngineConfig(cache=CacheConfig(slot_fraction=1.0), routing=args.routing)) as eng:
+    config = EngineConfig(cache=CacheConfig(slot_fraction=1.0), routing=args.routing, dtype=args.dtype,
+                          precision=args.precision, quant_cache_dir=args.quant_cache)
+    from activemoe.cli import _progress  # imported here: cli imports this module
+
+    bar, on_progress = _progress()  # the experts are read (and quantised, once) at load
+    if bar:
+        with bar:
+            eng = engine.load(args.model, config, on_progress)
+    else:
+        eng = engine.load(args.model, config)
+    with eng:
         ppl, tokens = eng.perplexity(_chunks(eng, _texts(args), args.seq_len, args.max_tokens))
-    print(json.dumps({"model": args.model, "routing": args.routing, "perplexity": ppl, "tokens": tokens,
-                      "approximate": args.routing != "exact"}))
+    print(json.dumps({"model": args.model, "routing": args.routing, "precision": args.precision, "dtype": args.dtype,
+                      "perplexity": ppl, "tokens": tokens,
+                      "approximate": args.routing != "exact" or args.precision != "native"}))
     return 0
 
 

@@ -54,6 +54,9 @@ class EngineConfig:
     experts_on: str = "device"  # where routed experts run: device slots, host copies, or auto (per miss, cost model)
     routing: str = "exact"  # "exact", or "pregated" (approximate, opt-in: layer N+1 routed at layer N)
     replay_routing: str | None = None  # a trace whose routing is forced (benchmarks at real shapes; approximate)
+    precision: str = "native"  # expert copies in the host tier and on the link: native (exact), int8 or int4 (approximate)
+    late_miss: str = "none"  # "int4" (approximate, opt-in): a late critical miss is computed from its int4 copy
+    quant_cache_dir: str | None = None  # where quantised copies are cached; None: the model directory
 
     @staticmethod
     def tiny(num_slots: int = 4, policy: str = "lru") -> EngineConfig:

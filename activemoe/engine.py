@@ -20,7 +20,9 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from activemoe import quant
 from activemoe.cache import ExpertCache
+from activemoe.compressed import CompressedStore, Int4Substitute
 from activemoe.config import EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, PrefetchConfig, SamplingConfig
 from activemoe.errors import UserError
 from activemoe.families import (experts_classes, experts_without_weights, offloaded_modules, router_parts, routers,
@@ -35,7 +37,7 @@ from activemoe.predictors import (PREDICTORS, AdaptivePredictor, HistoryPredicto
                                   PregatePredictor)
 from activemoe.runtime import IMPLEMENTATION, ExpertRuntime
 from activemoe.scheduler import PrefetchScheduler
-from activemoe.slots import EmulatedLink, SlotSlab
+from activemoe.slots import CompressedSlab, EmulatedLink, SlotSlab
 from activemoe.store import TIERS, CheckpointIndex, ExpertStore, model_dir_of
 from activemoe.replay import ReplayRouting
 from activemoe.trace import Recorder, Trace, load_trace, shape_id
@@ -86,6 +88,7 @@ class GenerationStats:
     decode_hit_rate: float = 0.0  # hit rate of the decode steps alone
     reuse: float = 0.0  # decode activations per distinct expert per layer step (> 1 when a batch shares experts)
     prefill_bytes_needed: int = 0  # distinct experts the prompt routed x expert bytes (the TTFT link floor's bytes)
+    late_miss_int4: int = 0  # critical misses computed from their int4 copy (--late-miss int4, approximate)
 
 
 @dataclass(frozen=True)
@@ -260,7 +263,7 @@ class Engine:
         for stats in (self.runtime.stats, loader.stats, loader.cache.stats, loader.scheduler.stats):
             stats.get_and_reset()
         self.runtime.recall_and_reset()
-        streamer = _TimingStreamer(on_token, lambda: loader.stats.bytes_moved,
+        streamer = _TimingStreamer(on_token, lambda: loader.stats.bytes_moved + self.runtime.stats.late_miss_bytes,
                                    on_first=lambda: setattr(self.runtime, "decoding", True))
         out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, streamer=streamer, **kwargs)
         rt, ld = self.runtime.stats.get_and_reset(), loader.stats.get_and_reset()
@@ -268,7 +271,7 @@ class Engine:
         times = streamer.times
         steps = tuple(b - a for a, b in zip(times, times[1:]))
         stats = GenerationStats(
-            hit_rate=rt.hit_rate, loads=cs.loads, evictions=cs.evictions, bytes_moved=ld.bytes_moved,
+            hit_rate=rt.hit_rate, loads=cs.loads, evictions=cs.evictions, bytes_moved=ld.bytes_moved + rt.late_miss_bytes,
             ttft_s=(times[0] - streamer.start) if times else 0.0,
             decode_tok_s=len(steps) / sum(steps) if steps and sum(steps) > 0 else 0.0,
             peak_rss_bytes=peak_rss_bytes(), stall_s=ld.stall_s,
@@ -277,7 +280,8 @@ class Engine:
             host_computed=rt.host_computed, recall=self.runtime.recall_and_reset(), per_token_s=steps,
             decode_bytes_per_token=(streamer.bytes[-1] - streamer.bytes[0]) / len(steps) / len(prompt_ids)
             if steps else 0.0, batch_size=len(prompt_ids), reuse=rt.reuse, decode_hit_rate=rt.decode_hit_rate,
-            prefill_bytes_needed=rt.prefill_experts * self.load_stats.expert_bytes)
+            prefill_bytes_needed=rt.prefill_experts * self.load_stats.expert_bytes,
+            late_miss_int4=rt.late_miss_int4)
         sequences = out[:, width:].tolist()
         return Generation(token_ids=sequences[0], stats=stats, sequences=sequences)
 
@@ -288,6 +292,11 @@ def left_pad(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     return ids, mask
+
+
+def _chunk_bytes(prefetch: PrefetchConfig, store) -> int:
+    """Copy granularity: configured, or an eighth of an expert's (link) bytes, at least 64 KiB."""
+    return prefetch.chunk_bytes or max(64 << 10, store.expert_bytes // 8)
 
 
 def _as_batch(prompt_ids: list[int] | list[list[int]]) -> list[list[int]]:
@@ -407,10 +416,19 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     top_k = top_k_of(hf_config)
     total = len(store.experts())
     num_slots = budget.num_slots if budget else num_slots_for(config.cache, total, store.expert_bytes, top_k)
-    store.preload(on_progress)
-    prefetch = config.prefetch
-    slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, EmulatedLink(config.link.link_gbps),
-                    prefetch.chunk_bytes or max(64 << 10, store.expert_bytes // 8))
+    prefetch, link = config.prefetch, EmulatedLink(config.link.link_gbps)
+    if config.precision == "native":
+        store.preload(on_progress)
+        slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, link, _chunk_bytes(prefetch, store))
+    else:  # approximate: compressed host copies, dequantised into full-precision slots
+        store = CompressedStore.open(store, model_dir, config.precision, config.quant_cache_dir, on_progress)
+        slab = CompressedSlab(num_slots, store.spec.shapes, dtype, device, store.part_shapes(),
+                              store.layout.decode_into, link, _chunk_bytes(prefetch, store))
+    late_miss = None
+    if config.late_miss == "int4":
+        int4 = CompressedStore.open(store.base if config.precision != "native" else store, model_dir, "int4",
+                                    config.quant_cache_dir, on_progress)
+        late_miss = Int4Substitute(int4, link, device)
     loader = Loader(store, slab, ExpertCache(num_slots, policy), PrefetchScheduler(prefetch.issue_window))
     first = next(iter(experts.values()))
     miss_cost = profile_host_expert(first, store) if config.experts_on == "auto" else None
@@ -421,7 +439,7 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
         predictor = _predictor(prefetch, model, experts, store.num_experts)
     runtime = ExpertRuntime(store, loader, predictor,
                             budget=prefetch.budget or None,
-                            experts_on=config.experts_on, miss_cost=miss_cost,
+                            experts_on=config.experts_on, miss_cost=miss_cost, late_miss=late_miss,
                             stream_prefill=prefetch.stream_prefill and prefetch.predictor != "none")
     for layer, module in experts.items():
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
@@ -433,7 +451,8 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
         loader.preload(store.experts())  # everything fits: no transfer is left for generation
     tokenizer = _tokenizer(model_dir)
     stats = LoadStats(model_rss_bytes=model_rss,
-                      host_store_bytes=store.expert_bytes * total if config.store == "ram" else 0,
+                      host_store_bytes=(store.expert_bytes * total if config.store == "ram" else 0)
+                      + (late_miss.store.expert_bytes * total if late_miss else 0),
                       slab_bytes=slab.nbytes, num_slots=num_slots, total_experts=total,
                       expert_bytes=store.expert_bytes, load_s=time.perf_counter() - start)
     log.info("loaded %s: %s", model_dir, asdict(stats))
@@ -490,6 +509,9 @@ def _check_choices(config: EngineConfig) -> None:
         raise UserError(f"unknown store {config.store!r}; known: {', '.join(TIERS)}")
     if config.experts_on not in EXPERTS_ON:
         raise UserError(f"unknown --experts-on {config.experts_on!r}; known: {', '.join(EXPERTS_ON)}")
+    quant.check_precision(config.precision, config.late_miss)
+    if config.precision != "native" and config.store != "ram":
+        raise UserError(f"--precision {config.precision} keeps the compressed copies in RAM; use it with --store ram")
     if config.link.link_gbps is not None and config.link.link_gbps <= 0:
         raise UserError("--link-gbps must be positive")
 

@@ -2,7 +2,8 @@
 
 Per MoE layer: record the routing, ask the predictor about the next layers, hand the routed and
 predicted experts to the loader, run the experts that are READY first, then each miss as it lands,
-or on the host when the miss cost model says that is sooner. It knows nothing about model loading.
+or on the host when the miss cost model says that is sooner, or (approximate, opt-in) from its int4
+copy when the full copy would be late. It knows nothing about model loading.
 Legend: T tokens, K routed per token, H hidden, I expert width.
 """
 from __future__ import annotations
@@ -46,6 +47,9 @@ class RuntimeStats:
     decode_activations: int = 0  # activations of decode steps (all sequences of a batch)
     decode_experts: int = 0  # distinct experts routed per MoE layer, summed over decode steps
     decode_hits: int = 0  # decode activations whose expert was READY when routed
+    late_miss_int4: int = 0  # critical misses served from their int4 copy (--late-miss int4, approximate)
+    late_miss_activations: int = 0  # routed activations those served
+    late_miss_bytes: int = 0  # int4 bytes those moved
 
     @property
     def hit_rate(self) -> float:
@@ -108,8 +112,9 @@ def grouped_forward(module, weights: dict[str, torch.Tensor], num: int, hidden: 
 class ExpertRuntime:
     def __init__(self, store: ExpertStore, loader: Loader, predictor: Predictor | None = None,
                  budget: int | None = None, experts_on: str = "device", miss_cost: MissCostModel | None = None,
-                 stream_prefill: bool = True):
+                 late_miss=None, stream_prefill: bool = True):
         self.store, self.loader = store, loader
+        self.late_miss = late_miss  # a compressed.Int4Substitute, or None
         self.stream_prefill = stream_prefill  # while the prompt runs, load all of the next MoE layer's experts
         self.predictor = predictor or NoPredictor()
         self.budget, self.experts_on, self.miss_cost = budget, experts_on, miss_cost
@@ -183,6 +188,10 @@ class ExpertRuntime:
                 eid, slot = ready.pop()
                 self._run_slot(run, eid, slot)
             while pending:
+                if self.late_miss is not None:
+                    self._serve_late(run, pending, counts)
+                    if not pending:
+                        break
                 if self.experts_on == "auto":
                     for eid in sorted(pending):
                         if self.miss_cost.prefer_host(counts[eid.expert], self.loader.remaining_s(eid)):
@@ -216,6 +225,19 @@ class ExpertRuntime:
         probs = tuple(1.0 - i / num for i in range(num))  # below every critical load, ranked
         streamed = Prediction(1, nxt, tuple(order), probs, budget=num)
         return [p for p in predictions if p.distance != 1] + [streamed]
+
+    def _serve_late(self, run, pending: set[ExpertId], counts: list[int]) -> None:
+        """--late-miss int4: compute each miss whose full copy would land after its int4 copy from the
+        int4 copy. Its full load is abandoned: dropped if queued, cached if already in flight (requeueing
+        it as a prefetch was measured slower: its bytes compete with the next misses on the link)."""
+        for eid in sorted(pending):
+            if self.late_miss.late(self.loader.remaining_s(eid)):
+                self.loader.abandon([eid])
+                pending.discard(eid)
+                run(eid, self.late_miss.weights(eid))
+                self.stats.late_miss_int4 += 1
+                self.stats.late_miss_activations += counts[eid.expert]
+                self.stats.late_miss_bytes += self.late_miss.store.expert_bytes
 
     def _score(self, event: int, routed: list[int], decode: bool) -> None:
         """recall@k over decode steps: the share of this layer's routed experts named k layers earlier

@@ -109,3 +109,53 @@ class SlotSlab:
         """Compute is done with the slot (as far as the host knows); copies into it wait for the kernels."""
         if self.cuda:
             self.free[slot].record(torch.cuda.current_stream(self.device))
+
+
+class CompressedSlab(SlotSlab):
+    """Slots in the compute dtype, filled from compressed host copies (int8/int4, approximate): a chunk
+    is a row range (output channels) of one tensor's compressed parts, which is what the link carries
+    and paces; each chunk is dequantised into its rows of the slot once it has landed. CUDA: the parts
+    are staged on the device and dequantised on the copy stream, before the slot's ready event."""
+
+    def __init__(self, num_slots: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device,
+                 parts: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]], decode_into,
+                 link: EmulatedLink | None = None, chunk_bytes: int = 1 << 20):
+        super().__init__(num_slots, shapes, dtype, device, link, chunk_bytes)
+        self.decode_into = decode_into  # (name, {part: rows}, slot tensor, start, stop) -> None
+        self.chunks = []
+        for name, ps in parts.items():
+            row_bytes = sum(max(1, torch.Size(s[1:]).numel()) * dt.itemsize for s, dt in ps.values())
+            rows = next(iter(ps.values()))[0][0]
+            step = max(1, chunk_bytes // row_bytes)
+            self.chunks += [Chunk(name, a, min(rows, a + step), (min(rows, a + step) - a) * row_bytes)
+                            for a in range(0, rows, step)]
+        self.expert_bytes = sum(c.nbytes for c in self.chunks)  # compressed bytes per expert
+        if self.cuda:  # one staging buffer per part, the size of the largest chunk (copies are serialised)
+            most: dict[str, int] = {}
+            for c in self.chunks:
+                most[c.name] = max(most.get(c.name, 0), c.stop - c.start)
+            self.staging = {name: {p: torch.empty((most[name], *s[1:]), dtype=dt, device=device)
+                                   for p, (s, dt) in ps.items()} for name, ps in parts.items()}
+
+    def copy_chunk(self, slot: int, host, index: int) -> None:
+        """`host` is a CompressedExpert: its `parts[name][part]` are [rows, ...] host tensors."""
+        chunk = self.chunks[index]
+        src = {p: t[chunk.start:chunk.stop] for p, t in host.parts[chunk.name].items()}
+        dst = self.buffers[chunk.name][slot]
+        started = time.perf_counter()
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                if index == 0:
+                    self.copy_stream.wait_event(self.free[slot])
+                staged = {p: self.staging[chunk.name][p][:chunk.stop - chunk.start].copy_(t, non_blocking=True)
+                          for p, t in src.items()}
+                self.decode_into(chunk.name, staged, dst, chunk.start, chunk.stop)
+                if index == len(self.chunks) - 1:
+                    self.ready[slot].record(self.copy_stream)
+                done = torch.cuda.Event()
+                done.record(self.copy_stream)
+            done.synchronize()  # the staging buffers are free again before the next chunk
+            self.link.pace(started, chunk.nbytes)
+        else:  # the compressed bytes cross the emulated link first, then are dequantised (no overlap flattered)
+            self.link.pace(started, chunk.nbytes)
+            self.decode_into(chunk.name, src, dst, chunk.start, chunk.stop)

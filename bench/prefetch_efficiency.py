@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--caches", default="0.25,0.5", help="cache sizes as fractions of all experts")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random model")
     parser.add_argument("--expert-width", type=int, default=512, help="expert intermediate size of the random model")
+    parser.add_argument("--precision", default="native",
+                        help="expert copies on the link: native (exact), int8 or int4 (approximate; cached in the "
+                             "model directory; pass --link-gbps to compare precisions over one link)")
     parser.add_argument("--out", help="also write the JSON result here (atomically)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core computes, the other runs the copy thread
@@ -106,7 +109,7 @@ def main() -> None:
             return activemoe.load(model_dir, EngineConfig(
                 device=args.device, cache=CacheConfig(num_slots=slots, slot_fraction=1.0, policy=policy),
                 prefetch=PrefetchConfig(predictor=predictor, lookahead=args.lookahead),
-                link=LinkConfig(link_gbps=link)))
+                link=LinkConfig(link_gbps=link), precision=args.precision))
 
         print("measuring the compute floor (all experts resident) ...", file=sys.stderr)
         with engine(None) as eng:
@@ -146,7 +149,9 @@ def main() -> None:
                                  bound_tok_s=bound, efficiency=statistics.median(speeds) / bound))
 
     print(f"\nprefetch efficiency — measured wall clock, {os.uname().machine} CPU ({os.cpu_count()} cores), "
-          f"emulated link {link:.3f} GB/s, fp32, {args.model or 'random qwen3_moe'} {layers}x{experts} top-{top_k}, "
+          f"emulated link {link:.3f} GB/s, fp32"
+          f"{'' if args.precision == 'native' else f' slots from {args.precision} transfers (APPROXIMATE)'}, "
+          f"{args.model or 'random qwen3_moe'} {layers}x{experts} top-{top_k}, "
           f"expert {expert_bytes / 2**20:.2f} MiB, lookahead {args.lookahead}, {args.new_tokens} new tokens, "
           f"median of {args.runs} runs")
     print(f"compute floor (all resident): {floor:.1f} tok/s; one layer {layer_s * 1e3:.2f} ms; "
@@ -167,7 +172,8 @@ def main() -> None:
               "model": args.model or f"random qwen3_moe 16x32 top-4 hidden {args.hidden} width {args.expert_width}",
               "measured": "wall clock", "machine": f"{os.cpu_count()}-core CPU",
               "link_gbps": link, "compute_floor_tok_s": floor, "expert_bytes": expert_bytes, "rows": rows,
-              "oracle_over_reactive": speedup, "lookahead": args.lookahead, "new_tokens": args.new_tokens}
+              "oracle_over_reactive": speedup, "lookahead": args.lookahead, "new_tokens": args.new_tokens,
+              "precision": args.precision}
     line = json.dumps(result)
     print(line)
     if args.out:
