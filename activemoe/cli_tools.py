@@ -157,8 +157,8 @@ def _add_predictor_commands(sub) -> None:
     p.add_argument("--model", help="the trace's model directory: start the heads from its routers (recommended)")
     p.add_argument("--lookahead", type=int, default=3)
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--mlp-width", type=int, default=256,
-                   help="width of each head's residual MLP (0: linear heads only; default 256)")
+    p.add_argument("--mlp-width", type=int, default=64,
+                   help="width of each head's residual MLP (0: linear heads only; default 64)")
     e = sub.add_parser("predict-eval", help="recall@k and precision@k of each predictor on a trace",
                        description="Teacher-forced evaluation of pregate, history and learned predictors on a "
                                    "trace: recall@k / precision@k per target layer and lookahead at a budget of "
