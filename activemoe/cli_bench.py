@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from activemoe.atomic import write_atomic
 from activemoe.bench import BenchConfig, BenchRow, cache_config, compare_grid, default_baselines, run_bench
 from activemoe.config import DTYPES, CacheConfig, EngineConfig, LinkConfig, PrefetchConfig
 from activemoe.errors import UserError
@@ -153,15 +154,7 @@ def print_table(rows: list[BenchRow], title: str, tags: list[str] | None = None)
 
 
 def _write(out: Path, name: str, write) -> None:
-    """Write out/name through a temporary file in the same directory, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=Path(name).suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, out / name)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(out / name, write)
 
 
 def _plot_bench(rows: list[BenchRow], path: str) -> None:

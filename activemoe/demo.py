@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 import activemoe
+from activemoe.atomic import write_atomic
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig, SamplingConfig
 from activemoe.learned import SIDECAR
 
@@ -88,10 +89,8 @@ def save_plot(names: list[str], speeds: list[float], hits: list[float], path: Pa
     right.set_ylabel("decode hit rate")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

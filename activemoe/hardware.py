@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from activemoe.atomic import write_text_atomic
 from activemoe.ids import ExpertId
 from activemoe.runtime import MissCostModel, expert_forward
 from activemoe.store import ExpertStore
@@ -39,9 +40,7 @@ class Profile:
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
 
 
 def _time(fn, repeats: int, sync=lambda: None) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 import activemoe
+from activemoe.atomic import write_text_atomic
 from activemoe.bench import BenchConfig, cache_config, run_bench
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig
 from activemoe.demo import BUNDLED
@@ -97,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             line = json.dumps(result)
             print(line)
             if not args.dry_run:
-                target = out / f"gpu_{shape_name}_{name}.json"
-                tmp = target.with_name(f".{target.name}.tmp")
-                tmp.write_text(line + "\n")
-                os.replace(tmp, target)
+                write_text_atomic(out / f"gpu_{shape_name}_{name}.json", line + "\n")
     return 0
 
 

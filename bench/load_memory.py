@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
+
+from activemoe.atomic import write_text_atomic
 
 PROBE = r"""
 import json, re, sys, torch
@@ -101,9 +101,7 @@ def main() -> None:
                       "activemoe_current_rss": ours["current"] - base, "plain_current_rss": plain["current"] - base})
     print(line)
     if args.out:
-        tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
-        tmp.write_text(line + "\n")
-        os.replace(tmp, args.out)
+        write_text_atomic(args.out, line + "\n")
 
 
 if __name__ == "__main__":

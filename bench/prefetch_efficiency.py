@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import activemoe
+from activemoe.atomic import write_text_atomic
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig, SamplingConfig
 from activemoe.tiny import build_tiny_checkpoint
 
@@ -177,10 +178,7 @@ def main() -> None:
     line = json.dumps(result)
     print(line)
     if args.out:
-        out = Path(args.out)
-        tmp_path = out.with_suffix(out.suffix + ".tmp")
-        tmp_path.write_text(line + "\n")
-        os.replace(tmp_path, out)
+        write_text_atomic(args.out, line + "\n")
 
 
 if __name__ == "__main__":

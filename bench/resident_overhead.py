@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from activemoe.atomic import write_text_atomic
 from activemoe.baselines import ActiveMoERunner, TransformersRunner
 from activemoe.bench import prompts_for
 from activemoe.config import CacheConfig, EngineConfig
@@ -61,10 +62,7 @@ def main() -> None:
                        "median_tok_s": medians, "ratio": ratio, "same_tokens": same})
     print(line)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(line + "\n")
-        os.replace(tmp, out)
+        write_text_atomic(args.out, line + "\n")
 
 
 if __name__ == "__main__":
