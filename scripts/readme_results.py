@@ -103,11 +103,63 @@ resident, no link): {r['compute_floor_tok_s']:.1f} tok/s, the most any saving on
     return "\n".join(lines) + "\n"
 
 
+def _cell(value, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def bench_table(name: str, command: str) -> str:
+    """An `activemoe bench` result (bench.json in a results folder) as a table."""
+    r = _load(name)
+    first = {}
+    lines = [f"""`{command}` ({r['device']}, {r['dtype']}, link {r['link']}, cache {r['cache']}, {r['new_tokens']} new
+tokens, median of {r['runs']} runs; "vs reactive" compares decode tok/s with `reactive` at the same prompt and batch;
+TTFT floor = the prompt's distinct experts × expert bytes ÷ link):
+""", "| baseline | prompt | batch | decode tok/s | vs reactive | TTFT ms (floor) | decode hit | recall@1 | MB/token "
+     "| reuse | same tokens |", "|---" * 11 + "|"]
+    for row in r["rows"]:
+        if row["baseline"] == "reactive":
+            first[(row["prompt_tokens"], row["batch_size"])] = row["decode_tok_s"]
+    for row in r["rows"]:
+        base = first.get((row["prompt_tokens"], row["batch_size"]))
+        ratio = f"{row['decode_tok_s'] / base:.2f}×" if base else "-"
+        floor = f" ({row['ttft_floor_s'] * 1e3:.0f})" if row["ttft_floor_s"] else ""
+        lines.append(f"| {row['baseline']} | {row['prompt_tokens']} | {row['batch_size']} | {row['decode_tok_s']:.1f} | "
+                     f"{ratio} | {row['ttft_s'] * 1e3:.0f}{floor} | {_cell(row['hit_rate'], '.3f')} | "
+                     f"{_cell(row['recall_1'], '.3f')} | {_cell(row['decode_bytes_per_token'], '.2f', 1e-6)} | "
+                     f"{_cell(row['reuse'], '.2f')} | {'yes' if row['same_tokens'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def resident() -> str:
+    r = _load("resident_overhead_cpu.json")
+    m = r["median_tok_s"]
+    return (f"No regression when everything fits (`.venv/bin/python bench/resident_overhead.py --runs {r['runs']} --out "
+            f"bench/results/resident_overhead_cpu.json`; bundled model, every expert in a slot, {r['runs']} interleaved "
+            f"runs each): plain transformers {m['transformers']:.1f} tok/s, ActiveMoE "
+            f"{m['activemoe (all resident)']:.1f} tok/s, ratio {r['ratio']:.3f}×, same tokens: "
+            f"{'yes' if r['same_tokens'] else 'NO'}.\n")
+
+
+def optional(fn, *args) -> str:
+    """A section whose result file may not exist yet."""
+    try:
+        return fn(*args)
+    except FileNotFoundError:
+        return ""
+
+
 def section() -> str:
     machine = "a 2-core AMD EPYC VM without a GPU, one torch thread"
     intro = (f"All figures below are **measured** (wall clock) on {machine}; emulated-link runs name the link "
              "speed. This section is generated from `bench/results/*.json` by `scripts/readme_results.py`.\n")
-    return "\n".join([BEGIN, intro, load_memory(), prefetch(), predictors(), end_to_end(), compressed() + END])
+    parts = [BEGIN, intro, load_memory(), prefetch(), predictors(), end_to_end(), compressed(),
+             optional(bench_table, "bench_bundled_cpu/bench.json",
+                      "activemoe bench --model activemoe/assets/tiny-moe --out bench/results/bench_bundled_cpu"),
+             optional(bench_table, "bench_batches_cpu/bench.json",
+                      "activemoe bench --model activemoe/assets/tiny-moe --baselines transformers,reactive,learned+slru@3 "
+                      "--prompt-lengths 16 --batch-size 1,4,8 --out bench/results/bench_batches_cpu"),
+             optional(resident)]
+    return "\n".join(p for p in parts if p) + END
 
 
 def main() -> int:
