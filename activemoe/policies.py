@@ -14,6 +14,11 @@ from activemoe.ids import ExpertId
 
 class EvictionPolicy:
     name = "base"
+    indexed = False  # the priority of a slot changes only when the cache touches or inserts it
+
+    def no_later_evictable(self, priority: tuple, speculative: bool, due: int | None) -> bool:
+        """An indexed policy: no slot ranked after `priority` may make room for this load."""
+        return False
 
     def priority(self, meta: SlotMeta, now: int) -> tuple:
         raise NotImplementedError
@@ -37,6 +42,7 @@ class LRU(EvictionPolicy):
     """Least recently used first: mixtral-offloading's shipped algorithm, the reactive baseline."""
 
     name = "lru"
+    indexed = True
 
     def priority(self, meta: SlotMeta, now: int) -> tuple:
         return (meta.last_use,)
@@ -46,6 +52,7 @@ class LFU(EvictionPolicy):
     """Least frequently used first; ties broken by recency."""
 
     name = "lfu"
+    indexed = True
 
     def priority(self, meta: SlotMeta, now: int) -> tuple:
         return (meta.use_count, meta.last_use)
@@ -96,6 +103,7 @@ class Belady(EvictionPolicy):
     kept on the slot (set on insert and on every touch) and the evict loop reads a field."""
 
     name = "belady"
+    indexed = True
 
     def __init__(self, future: Callable[[ExpertId, int], float], now: Callable[[], int]):
         self.future, self.now = future, now
@@ -114,6 +122,9 @@ class Belady(EvictionPolicy):
 
     def is_ideal(self, priority: tuple) -> bool:
         return priority[0] == -math.inf  # never used again
+
+    def no_later_evictable(self, priority: tuple, speculative: bool, due: int | None) -> bool:
+        return speculative and due is not None and -priority[0] <= due  # later slots are needed sooner
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "lfru": LFRU, "slru": SLRU, "belady": Belady}
