@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from activemoe.config import (DTYPES, EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, LinkConfig, PrefetchConfig,
                               SamplingConfig, parse_size)
-from activemoe import cli_tools
+from activemoe import cli_simulate, cli_tools
 from activemoe.errors import UserError
 from activemoe.policies import POLICIES
 from activemoe.predictors import PREDICTORS
@@ -142,10 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     cli_tools.add_parsers(sub)
+    cli_simulate.add_parser(sub)
     return parser
 
 
-COMMANDS = {"generate": cmd_generate, **cli_tools.COMMANDS}
+COMMANDS = {"generate": cmd_generate, **cli_tools.COMMANDS, "simulate": cli_simulate.cmd_simulate}
 
 
 def main(argv: list[str] | None = None) -> int:
