@@ -2,8 +2,9 @@
 
 Invariants: a slot holds at most one expert and an expert sits in at most one slot; a pinned or LOADING
 slot is never evicted; the policy only ranks the slots that may be evicted. Policies whose ranking
-changes only when the cache touches or inserts a slot (`indexed = True`) get an O(log S) lazy heap
-instead of the O(S) scan; both choose the same victim (lowest priority, then lowest slot id).
+changes only when the cache touches or inserts a slot, or where on_touch says (`indexed = True`), get
+an O(log S) lazy heap instead of the O(S) scan; both choose the same victim (lowest priority, then
+lowest slot id).
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ class ExpertCache:
         meta.last_use = self._clock
         meta.use_count += 1
         meta.speculative = False
-        self.policy.on_touch(slot, self.meta)
+        for changed in self.policy.on_touch(slot, self.meta) or ():
+            self._push(changed)
         self._push(slot)
 
     def pin(self, slot: int) -> None:

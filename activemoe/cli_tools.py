@@ -63,6 +63,7 @@ def _add_profile(sub) -> None:
 
 
 def cmd_profile(args) -> int:
+    from dataclasses import replace
     from pathlib import Path
 
     from activemoe import engine, hardware
@@ -74,6 +75,11 @@ def cmd_profile(args) -> int:
     with engine.load(args.model, config) as eng:
         module = next(iter(offloaded_modules(eng.model).values()))
         result = hardware.profile(module, eng.runtime.store, eng.device)
+    resident = EngineConfig(device=args.device, dtype=args.dtype, cache=CacheConfig(slot_fraction=1.0))
+    with engine.load(args.model, resident) as eng:  # the simulator's per-layer time (costmodel.from_profile)
+        expert_ms = (result.expert_device_ms or result.expert_host_ms)["1"]
+        prompt = list(range(3, 3 + min(16, eng.vocab_size - 3)))
+        result = replace(result, decode_layer_ms=hardware.decode_layer_ms(eng, expert_ms, prompt))
     if args.out:
         result.save(args.out)
     print(f"profile (measured, wall clock) of {result.device} on {result.host}, {result.dtype} experts of "
@@ -86,7 +92,8 @@ def cmd_profile(args) -> int:
              + " ms"),
             ("one expert on the device (1/8/64 tokens)", "n/a" if result.expert_device_ms is None else
              " / ".join(f"{v:.3f}" for v in result.expert_device_ms.values()) + " ms"),
-            ("recommended --experts-on", f"{result.recommend_experts_on}: {result.reason}")]
+            ("recommended --experts-on", f"{result.recommend_experts_on}: {result.reason}"),
+            ("non-expert time per MoE layer (decode)", f"{result.decode_layer_ms:.3f} ms")]
     for name, value in rows:
         print(f"  {name:<42} {value}")
     from dataclasses import asdict

@@ -27,7 +27,8 @@ class EvictionPolicy:
         """May `meta` make room for a load (speculative ones are due at MoE-layer event `due`)?"""
         return True
 
-    def on_touch(self, slot: int, metas: list[SlotMeta]) -> None:
+    def on_touch(self, slot: int, metas: list[SlotMeta]) -> list[int] | None:
+        """After a touch of `slot`; returns the other slots whose priority it changed (indexed policies)."""
         pass
 
     def on_insert(self, meta: SlotMeta) -> None:
@@ -75,6 +76,7 @@ class SLRU(EvictionPolicy):
     slots; cold entries are evicted first; speculative loads enter cold and evict only cold entries."""
 
     name = "slru"
+    indexed = True  # a demotion is reported by on_touch
 
     def __init__(self, hot_fraction: float = 0.5):
         self.hot_fraction = hot_fraction
@@ -85,14 +87,17 @@ class SLRU(EvictionPolicy):
     def may_evict(self, meta: SlotMeta, speculative: bool, due: int | None = None) -> bool:
         return not speculative or meta.segment == Segment.COLD
 
-    def on_touch(self, slot: int, metas: list[SlotMeta]) -> None:
+    def on_touch(self, slot: int, metas: list[SlotMeta]) -> list[int]:
         meta = metas[slot]
         if meta.segment == Segment.HOT or meta.use_count < 2:
-            return
+            return []
         meta.segment = Segment.HOT
-        hot = [m for m in metas if m.segment == Segment.HOT and m.expert is not None]
+        hot = [i for i, m in enumerate(metas) if m.segment == Segment.HOT and m.expert is not None]
         if len(hot) > max(1, int(self.hot_fraction * len(metas))):
-            min(hot, key=lambda m: m.last_use).segment = Segment.COLD  # demote the LRU hot entry
+            demoted = min(hot, key=lambda i: metas[i].last_use)  # demote the LRU hot entry
+            metas[demoted].segment = Segment.COLD
+            return [demoted]
+        return []
 
 
 class Belady(EvictionPolicy):

@@ -14,7 +14,7 @@ from activemoe.cli import main
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig, SamplingConfig
 from activemoe.costmodel import CostModel, from_preset
 from activemoe.ids import ExpertId
-from activemoe.policies import LFU, LRU
+from activemoe.policies import LFU, LRU, SLRU
 from activemoe.presets import HARDWARE, SHAPES, hardware_preset, shape_preset
 from activemoe.simulate import SimConfig, belady_loads, simulate
 from activemoe.trace import Recorder
@@ -23,7 +23,9 @@ from tests.test_cli import assert_user_error, run
 
 GREEDY = SamplingConfig(do_sample=False)
 PROMPT = [5, 17, 33, 8, 60, 41, 3]
-LINK_GBPS = 0.05
+LINK_GBPS = 0.01  # one expert every ~0.6 ms: each critical load lands after the previous one was computed,
+# so the engine's compute thread takes them in load order even on a busy machine (with a fast link
+# several could be READY at once and the set order of wait_any would decide, as in the simulator).
 
 
 def test_cost(expert_bytes: int = 6144) -> CostModel:
@@ -56,8 +58,11 @@ def _engine_run(model_dir, cache: CacheConfig, prefetch: PrefetchConfig, new_tok
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "lfru", "slru"])
 def test_simulator_matches_the_engine_exactly_reactive(policy, checkpoint):
-    """Predictor none: no decision depends on timing, so hits, loads and evictions are equal, prefill
-    (7 tokens in one forward) and decode alike, for several cache sizes."""
+    """Predictor none: hits, loads and evictions are equal, prefill (7 tokens in one forward) and decode
+    alike, for several cache sizes. The one race the engine has here — the loader thread picking a
+    victim before or after the compute thread touches the first hit (SLRU demotes on touch) — is
+    settled by the GIL (the touch is pure Python, the pick waits for the first expert's torch call)
+    and modelled by the cost model's wake_s."""
     model_dir = checkpoint("qwen3_moe")
     for slots in (2, 5, 12):
         cache = CacheConfig(num_slots=slots, policy=policy)
@@ -126,12 +131,11 @@ def test_belady_loads_is_the_minimum_on_a_scripted_sequence():
     assert belady_loads(events, 4) == 0  # four slots: the warm start holds all four experts
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(ops=st.lists(st.tuples(st.integers(0, 11), st.booleans(), st.booleans()), min_size=1, max_size=80),
-       slots=st.integers(1, 6), lfu=st.booleans())
-def test_indexed_victim_search_equals_the_scan(ops, slots, lfu):
+       slots=st.integers(1, 6), base=st.sampled_from([LRU, LFU, SLRU]))
+def test_indexed_victim_search_equals_the_scan(ops, slots, base):
     """The lazy heap picks exactly the slot the O(S) scan picks, pins, loading and protection included."""
-    base = LFU if lfu else LRU
     scan_policy = type("Scan", (base,), {"indexed": False})
     caches = [ExpertCache(slots, base()), ExpertCache(slots, scan_policy())]
     assert caches[0]._heap is not None and caches[1]._heap is None
