@@ -45,6 +45,8 @@ def _engine_run(model_dir, cache: CacheConfig, prefetch: PrefetchConfig, new_tok
                                         new_tokens)
     cfg = EngineConfig(cache=cache, prefetch=prefetch, link=LinkConfig(link_gbps=LINK_GBPS))
     with activemoe.load(model_dir, cfg) as eng:
+        eng.generate(PROMPT, max_new_tokens=2, sampling=GREEDY)  # a process's first forward is slow: warm up
+        eng.reset_cache()
         if prefetch.predictor == "none":
             eng.runtime.recorder = recorder = Recorder(eng.runtime.store.layers[0], keep_hidden=False)
         stats = eng.generate(PROMPT, max_new_tokens=new_tokens, sampling=GREEDY).stats
