@@ -30,7 +30,7 @@ from activemoe.workload import from_trace
 GREEDY = SamplingConfig(do_sample=False)
 MODEL = Path(activemoe.__file__).parent / "assets" / "tiny-moe"
 # name: (cache share, policy, predictor, lookahead)
-CONFIGS = {"25% lru reactive": (0.25, "lru", "none", 1), "25% slru reactive": (0.25, "slru", "none", 1),
+CONFIGS = {"100% (all resident)": (1.0, "lru", "none", 1), "25% lru reactive": (0.25, "lru", "none", 1), "25% slru reactive": (0.25, "slru", "none", 1),
            "50% lru reactive": (0.50, "lru", "none", 1), "25% lru oracle L1": (0.25, "lru", "oracle", 1),
            "25% belady oracle L2": (0.25, "belady", "oracle", 2)}
 
@@ -74,7 +74,7 @@ def main() -> int:
     parser.add_argument("--link-gbps", type=float, default=0.25)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", default="bench/results/simulator_calibration_cpu.json")
     args = parser.parse_args()
     model = Path(args.model)
