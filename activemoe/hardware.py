@@ -72,14 +72,15 @@ def expert_ms(module: torch.nn.Module, weights: dict[str, torch.Tensor], hidden:
     return out
 
 
-def decode_layer_ms(engine, expert_ms_1: float, prompt_ids: list[int], new_tokens: int = 24, runs: int = 3) -> float:
+def decode_layer_ms(engine, expert_ms_1: float, prompt_ids: list[int], new_tokens: int = 32, runs: int = 5) -> float:
     """Decode with every expert resident (`engine` loaded with all slots; a warm-up run fills them):
     the median step time less its routed experts' measured compute, per MoE layer. It holds the
     attention, norms, routers, lm_head and sampling, and the runtime's per-expert overhead."""
     from activemoe.config import SamplingConfig
 
     greedy = SamplingConfig(do_sample=False)
-    engine.generate(prompt_ids, max_new_tokens=new_tokens, sampling=greedy)  # warm-up: loads every expert
+    for _ in range(2):  # warm-up: loads every expert, warms the allocator
+        engine.generate(prompt_ids, max_new_tokens=new_tokens, sampling=greedy)
     steps = []
     for _ in range(runs):
         steps += engine.generate(prompt_ids, max_new_tokens=new_tokens, sampling=greedy).stats.per_token_s
