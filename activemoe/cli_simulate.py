@@ -157,8 +157,8 @@ def cmd_simulate(args) -> int:
             print(f"{r.config:<34} {r.tok_s:>9.2f} {r.hit_rate:>6.3f} {r.loads:>7} {r.evictions:>7} "
                   f"{r.stall_s:>8.3f} {r.oracle_bound_tok_s:>11.2f} {r.efficiency:>5.2f} "
                   f"{'-' if recall is None else f'{recall:.2f}':>5}")
-        print(f"bound = max(compute floor, Belady link floor) per token: perfect prediction, Belady eviction, "
-              f"perfect overlap; eff = tok/s / bound")
+        print("bound = max(compute floor, Belady link floor) per token: perfect prediction, Belady eviction, "
+              "perfect overlap; eff = tok/s / bound")
     if args.plot:
         plot(results, configs, cost, workload.label, args.plot)
     print(json.dumps({"simulated": True, "workload": workload.label, "cost_model": cost.to_json(),

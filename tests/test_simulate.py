@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 import activemoe
 from activemoe.cache import ExpertCache, NoEvictableSlot
-from activemoe.cli import main
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig, SamplingConfig
 from activemoe.costmodel import CostModel, from_preset
 from activemoe.ids import ExpertId
