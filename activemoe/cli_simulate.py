@@ -179,12 +179,18 @@ def plot(results, configs, cost, label: str, path: str) -> None:
         strategy = c.label().split(" ", 2)[2]  # policy predictor lookahead
         lines.setdefault(strategy, []).append((c.cache.num_slots, r.tok_s, r.hit_rate, r.oracle_bound_tok_s))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    policies = list(dict.fromkeys(s.split(" ")[0] for s in lines))  # colour: policy; line style: predictor
+    predictors = list(dict.fromkeys(s.split(" ", 1)[1] for s in lines))
+    styles = ["-", "--", ":", "-."]
     for strategy, points in lines.items():
         points.sort()
-        ax1.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=strategy)
-        ax2.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=strategy)
+        policy, predictor = strategy.split(" ", 1)
+        style = dict(marker="o", label=strategy, color=plt.get_cmap("tab10")(policies.index(policy) % 10),
+                     linestyle=styles[predictors.index(predictor) % len(styles)])
+        ax1.plot([p[0] for p in points], [p[1] for p in points], **style)
+        ax2.plot([p[0] for p in points], [p[2] for p in points], **style)
     bound = sorted({(p[0], p[3]) for points in lines.values() for p in points})
-    ax1.plot([b[0] for b in bound], [b[1] for b in bound], "k--", label="oracle bound")
+    ax1.plot([b[0] for b in bound], [b[1] for b in bound], color="k", linewidth=2.5, alpha=0.4, label="oracle bound")
     ax1.set(xlabel="cache size (slots)", ylabel="decode tokens/s (simulated)")
     ax2.set(xlabel="cache size (slots)", ylabel="hit rate (simulated)")
     ax1.legend(fontsize=7)
