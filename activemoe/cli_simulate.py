@@ -202,3 +202,37 @@ def plot(results, configs, cost, label: str, path: str) -> None:
         raise UserError(f"cannot write {path}: {e}") from None
     finally:
         plt.close(fig)
+
+
+# -- `activemoe plan --hardware NAME | --profile FILE`: the tokens/s the planned slots should give ------
+def add_estimate_flags(p) -> None:
+    p.add_argument("--hardware", help="also simulate decode tokens/s for the plan on this hardware preset")
+    p.add_argument("--profile", help="... or with a profile of this machine (`activemoe profile --out`)")
+    p.add_argument("--synthetic", default="tokens=200",
+                   help="the synthetic trace (labelled synthetic) the estimate replays (default tokens=200)")
+
+
+def plan_estimate(args, shape, num_slots: int) -> dict | None:
+    """SIMULATED decode tokens/s of a plan (ModelShape, slots): reactive LRU and the oracle bound, on a
+    synthetic trace at the model's shape; None when neither --hardware nor --profile is given."""
+    from activemoe.costmodel import from_profile, roofline
+    from activemoe.presets import hardware_preset
+    from activemoe.simulate import SimConfig, simulate
+    from activemoe.workload import SyntheticSpec, synthetic
+
+    if not (args.hardware or args.profile):
+        return None
+    if args.hardware:
+        per_layer = shape.resident_bytes / shape.moe_layers
+        cost = roofline(hardware_preset(args.hardware), f"{args.hardware}/{args.model}/{args.dtype}",
+                        shape.expert_bytes, shape.expert_bytes / shape.dtype_bytes, per_layer,
+                        per_layer / shape.dtype_bytes, f"shape of {args.model}")
+    else:
+        cost = from_profile(args.profile)
+    workload = synthetic(SyntheticSpec.parse(args.synthetic), shape.moe_layers,
+                         shape.total_experts // shape.moe_layers, shape.top_k)
+    r = simulate(workload, SimConfig(CacheConfig(num_slots=num_slots, policy="lru")), cost)
+    return {"simulated": True, "reactive_lru_tok_s": r.tok_s, "hit_rate": r.hit_rate,
+            "oracle_bound_tok_s": r.oracle_bound_tok_s, "workload": workload.label, "cost_model": cost.to_json(),
+            "line": f"expected decode (SIMULATED, {workload.label}): {r.tok_s:.1f} tokens/s reactive LRU "
+                    f"(hit rate {r.hit_rate:.2f}), oracle bound {r.oracle_bound_tok_s:.1f} tokens/s; {cost.describe()}"}

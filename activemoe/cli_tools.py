@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from activemoe import cli_simulate
 from activemoe.config import DTYPES, ROUTING, CacheConfig, EngineConfig, SamplingConfig, parse_size
 from activemoe.errors import UserError
 from activemoe.families import offloaded_modules, router_parts
@@ -33,12 +34,13 @@ def _add_plan(sub) -> None:
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--device", default="cuda", help="cuda (reserves 256 MiB workspace) or cpu")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    cli_simulate.add_estimate_flags(p)
 
 
 def cmd_plan(args) -> int:
     from dataclasses import asdict
 
-    from activemoe.engine import memory_plan
+    from activemoe.engine import memory_plan, model_shape
 
     config = EngineConfig(device=args.device, dtype=args.dtype,
                           cache=CacheConfig(device_memory_bytes=parse_size(args.gpu_memory), context_tokens=args.context))
@@ -46,7 +48,10 @@ def cmd_plan(args) -> int:
     print(f"memory plan for {args.model} ({args.dtype}, {args.device}):")
     for name, value in result.rows():
         print(f"  {name:<34} {value}")
-    print(json.dumps(asdict(result)))
+    estimate = cli_simulate.plan_estimate(args, model_shape(args.model, args.dtype), result.num_slots)
+    if estimate:
+        print(estimate.pop("line"))
+    print(json.dumps({**asdict(result), **({"estimate": estimate} if estimate else {})}))
     return 0
 
 

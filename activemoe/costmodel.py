@@ -62,21 +62,26 @@ class CostModel:
 
 def from_preset(hw: HardwarePreset, shape: ShapePreset, dtype: str = "bfloat16") -> CostModel:
     """Roofline figures: a step reads each weight once (memory bound at decode) or is compute bound."""
-    expert_bytes = shape.expert_bytes(dtype)
-    bw, flops = hw.memory_gbps * 1e9, hw.tflops * 1e12
-    layer_bytes = shape.layer_resident_bytes(dtype) + shape.vocab_size * shape.hidden_size * 2 // (
-        shape.moe_layers + shape.dense_layers)  # lm_head read once per step, spread over the layers
-    layer_params = shape.attention_params + shape.other_params_per_layer
-    expert_params = 3 * shape.hidden_size * shape.expert_width
     layers_per_event = (shape.moe_layers + shape.dense_layers) / shape.moe_layers
+    lm_head = shape.vocab_size * shape.hidden_size * 2 // (shape.moe_layers + shape.dense_layers)  # read once a step
+    return roofline(hw, f"{hw.name}/{shape.name}/{dtype}", shape.expert_bytes(dtype),
+                    3 * shape.hidden_size * shape.expert_width,
+                    layers_per_event * (shape.layer_resident_bytes(dtype) + lm_head),
+                    layers_per_event * (shape.attention_params + shape.other_params_per_layer), shape.source)
+
+
+def roofline(hw: HardwarePreset, name: str, expert_bytes: int, expert_params: float, layer_bytes: float,
+             layer_params: float, shape_source: str) -> CostModel:
+    """A cost model on preset hardware for one MoE-layer event reading `layer_bytes` of resident weights
+    (`layer_params` multiply-adds per token) and experts of `expert_bytes` (`expert_params`)."""
+    bw, flops = hw.memory_gbps * 1e9, hw.tflops * 1e12
     return CostModel(
-        name=f"{hw.name}/{shape.name}/{dtype}", link_gbps=hw.link_gbps, link_latency_s=LINK_LATENCY_S,
-        layer_base_s=layers_per_event * (LAYER_OVERHEAD_S + layer_bytes / bw),
-        layer_per_token_s=layers_per_event * 2 * layer_params / flops,
+        name=name, link_gbps=hw.link_gbps, link_latency_s=LINK_LATENCY_S,
+        layer_base_s=LAYER_OVERHEAD_S + layer_bytes / bw, layer_per_token_s=2 * layer_params / flops,
         expert_base_s=EXPERT_OVERHEAD_S + expert_bytes / bw, expert_per_token_s=2 * expert_params / flops,
         host_expert_base_s=expert_bytes / (HOST_GBPS * 1e9), host_expert_per_token_s=2 * expert_params / 1e12,
         expert_bytes=expert_bytes,
-        source=f"preset: {hw.source}; {shape.source}; link x{hw.link_efficiency}; assumed overheads: layer "
+        source=f"preset: {hw.source}; {shape_source}; link x{hw.link_efficiency}; assumed overheads: layer "
                f"{LAYER_OVERHEAD_S * 1e6:.0f} us, expert {EXPERT_OVERHEAD_S * 1e6:.0f} us, host {HOST_GBPS} GB/s")
 
 

@@ -287,7 +287,8 @@ def model_shape(model_dir: str | Path, dtype_name: str = "float32") -> ModelShap
     expert_bytes = sum(math.prod(s) for s in spec.shapes.values()) * dtype.itemsize
     return ModelShape(resident_bytes=resident, expert_bytes=expert_bytes, total_experts=len(experts) * spec.num_experts,
                       top_k=_top_k(hf_config), kv_bytes_per_token=kv_bytes_per_token(hf_config, dtype.itemsize),
-                      hidden_size=hf_config.hidden_size, vocab_size=hf_config.vocab_size, dtype_bytes=dtype.itemsize)
+                      hidden_size=hf_config.hidden_size, vocab_size=hf_config.vocab_size, dtype_bytes=dtype.itemsize,
+                      moe_layers=len(experts))
 
 
 def memory_plan(model_dir: str | Path, config: EngineConfig) -> MemoryPlan:

@@ -248,3 +248,17 @@ def test_simulate_cli_bad_input(capsys, tmp_path):
                       "needs hidden states")
     assert_user_error(capsys, ["simulate", "--trace", str(tmp_path / "none.safetensors"), "--shape", "olmoe-1b-7b",
                                "--hardware", "rtx4090"], "does not exist")
+
+
+def test_plan_prints_the_simulated_tokens_per_second(capsys, checkpoint):
+    model_dir = str(checkpoint("qwen3_moe"))
+    rc, out, err = run(capsys, "plan", "--model", model_dir, "--gpu-memory", "2.4MiB", "--device", "cpu",
+                       "--dtype", "float32", "--hardware", "rtx4090", "--synthetic", "tokens=20")
+    assert rc == 0, err
+    estimate = json.loads(out.strip().splitlines()[-1])["estimate"]
+    assert estimate["simulated"] and 0 < estimate["reactive_lru_tok_s"] <= estimate["oracle_bound_tok_s"]
+    assert "expected decode (SIMULATED" in out and "rtx4090" in out
+    rc, out, _ = run(capsys, "plan", "--model", model_dir, "--gpu-memory", "2.4MiB", "--device", "cpu")
+    assert rc == 0 and "estimate" not in json.loads(out.strip().splitlines()[-1])
+    assert_user_error(capsys, ["plan", "--model", model_dir, "--gpu-memory", "2.4MiB", "--device", "cpu",
+                               "--hardware", "tpu"], "unknown hardware preset 'tpu'", "rtx3090")
