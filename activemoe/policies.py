@@ -92,9 +92,10 @@ class SLRU(EvictionPolicy):
         if meta.segment == Segment.HOT or meta.use_count < 2:
             return []
         meta.segment = Segment.HOT
-        hot = [i for i, m in enumerate(metas) if m.segment == Segment.HOT and m.expert is not None]
+        hot = [m for m in metas if m.segment and m.expert is not None]  # Segment.HOT is the truthy one
         if len(hot) > max(1, int(self.hot_fraction * len(metas))):
-            demoted = min(hot, key=lambda i: metas[i].last_use)  # demote the LRU hot entry
+            oldest = min(hot, key=lambda m: m.last_use)  # demote the LRU hot entry
+            demoted = next(i for i, m in enumerate(metas) if m is oldest)
             metas[demoted].segment = Segment.COLD
             return [demoted]
         return []
