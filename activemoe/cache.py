@@ -1,10 +1,14 @@
 """cache.py maps ExpertId to slot ids and keeps the slot metadata; it knows nothing about tensors or CUDA.
 
 Invariants: a slot holds at most one expert and an expert sits in at most one slot; a pinned or LOADING
-slot is never evicted; the policy only ranks the slots that may be evicted.
+slot is never evicted; the policy only ranks the slots that may be evicted. Policies whose ranking
+changes only when the cache touches or inserts a slot, or where on_touch says (`indexed = True`), get
+an O(log S) lazy heap instead of the O(S) scan; both choose the same victim (lowest priority, then
+lowest slot id).
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, fields
 
 from activemoe.cache_meta import SlotMeta, SlotState
@@ -36,10 +40,19 @@ class ExpertCache:
         if num_slots < 1:
             raise ValueError("num_slots must be >= 1")
         self.meta = [SlotMeta() for _ in range(num_slots)]
-        self.policy = policy
         self.stats = CacheStats()
         self._slot_of: dict[ExpertId, int] = {}
         self._clock = 0
+        self.policy = policy  # builds the index
+
+    @property
+    def policy(self) -> EvictionPolicy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: EvictionPolicy) -> None:
+        self._policy = policy
+        self._reindex()
 
     @property
     def num_slots(self) -> int:
@@ -66,7 +79,9 @@ class ExpertCache:
         meta.last_use = self._clock
         meta.use_count += 1
         meta.speculative = False
-        self.policy.on_touch(slot, self.meta)
+        for changed in self.policy.on_touch(slot, self.meta) or ():
+            self._push(changed)
+        self._push(slot)
 
     def pin(self, slot: int) -> None:
         self.meta[slot].pin_count += 1
@@ -107,6 +122,7 @@ class ExpertCache:
         if meta.state != SlotState.LOADING:
             raise RuntimeError(f"slot {slot} is {meta.state.name}, not LOADING")
         meta.state = SlotState.READY
+        self._push(slot)
 
     def abort(self, slot: int) -> None:
         """A load failed: the slot goes back to EMPTY so nothing waits on it forever."""
@@ -115,14 +131,18 @@ class ExpertCache:
             self._slot_of.pop(meta.expert, None)
         self.stats.wasted += meta.speculative
         self.meta[slot] = SlotMeta()
+        heapq.heappush(self._empty, slot)
 
     def clear(self) -> None:
         if any(m.pin_count or m.state == SlotState.LOADING for m in self.meta):
             raise RuntimeError("cannot clear a cache with pinned or loading slots")
         self.meta = [SlotMeta() for _ in self.meta]
         self._slot_of.clear()
+        self._reindex()
 
     def _victim(self, speculative: bool, protected: frozenset[ExpertId], due: int | None = None) -> int:
+        if self._heap is not None:
+            return self._victim_indexed(speculative, protected, due)
         best, best_priority = None, None
         for slot, meta in enumerate(self.meta):
             if meta.state == SlotState.EMPTY:
@@ -141,3 +161,56 @@ class ExpertCache:
         if best is None:
             raise NoEvictableSlot(f"all {self.num_slots} slots are pinned or loading")
         return best
+
+    # -- the index of indexed policies: a min-heap of (priority, slot) pushed on every touch and
+    # mark_ready; an entry is valid while its slot is READY at that priority (stale ones are dropped)
+    def _reindex(self) -> None:
+        self._empty = [i for i, m in enumerate(self.meta) if m.state == SlotState.EMPTY]  # a sorted list is a heap
+        self._heap = [] if getattr(self._policy, "indexed", False) else None
+        if self._heap is not None:
+            for slot, meta in enumerate(self.meta):
+                if meta.state == SlotState.READY:
+                    self._push(slot)
+
+    def _push(self, slot: int) -> None:
+        if self._heap is None:
+            return
+        heapq.heappush(self._heap, (self.policy.priority(self.meta[slot], self._clock), slot))
+        if len(self._heap) > 4 * len(self.meta) + 64:
+            self._heap = [(p, s) for p, s in self._heap if self._valid(p, s)]
+            heapq.heapify(self._heap)
+
+    def _valid(self, priority: tuple, slot: int) -> bool:
+        meta = self.meta[slot]
+        return meta.state == SlotState.READY and self.policy.priority(meta, self._clock) == priority
+
+    def _victim_indexed(self, speculative: bool, protected: frozenset[ExpertId], due: int | None) -> int:
+        while self._empty:
+            slot = heapq.heappop(self._empty)
+            if self.meta[slot].state == SlotState.EMPTY:
+                return slot
+        skipped, seen, found, shielded = [], set(), None, None
+        while self._heap:
+            priority, slot = entry = heapq.heappop(self._heap)
+            if not self._valid(priority, slot) or slot in seen:
+                continue
+            seen.add(slot)
+            skipped.append(entry)
+            meta = self.meta[slot]
+            if meta.pin_count > 0:
+                continue
+            if speculative and (meta.expert in protected or not self.policy.may_evict(meta, speculative, due)):
+                if self.policy.no_later_evictable(priority, speculative, due):
+                    break
+                continue
+            if not speculative and meta.expert in protected:  # only if nothing else may go (as in the scan)
+                shielded = slot if shielded is None else shielded
+                continue
+            found = slot
+            break
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        found = shielded if found is None else found
+        if found is None:
+            raise NoEvictableSlot(f"all {self.num_slots} slots are pinned or loading")
+        return found

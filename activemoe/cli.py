@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from activemoe.config import (DTYPES, EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, LinkConfig, PrefetchConfig,
                               SamplingConfig, parse_size)
-from activemoe import cli_bench, cli_tools
+from activemoe import cli_bench, cli_simulate, cli_tools
 from activemoe.errors import UserError
 from activemoe.policies import POLICIES
 from activemoe.predictors import PREDICTORS
@@ -155,10 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     cli_tools.add_parsers(sub)
     cli_bench.add_parsers(sub)
+    cli_simulate.add_parser(sub)
     return parser
 
 
-COMMANDS = {"generate": cmd_generate, **cli_tools.COMMANDS, **cli_bench.COMMANDS}
+COMMANDS = {"generate": cmd_generate, **cli_tools.COMMANDS, **cli_bench.COMMANDS, "simulate": cli_simulate.cmd_simulate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from activemoe import cli_simulate
 from activemoe.config import DTYPES, ROUTING, CacheConfig, EngineConfig, SamplingConfig, parse_size
 from activemoe.errors import UserError
 from activemoe.families import offloaded_modules, router_parts
@@ -45,12 +46,13 @@ def _add_plan(sub) -> None:
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--device", default="cuda", help="cuda (reserves 256 MiB workspace) or cpu")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    cli_simulate.add_estimate_flags(p)
 
 
 def cmd_plan(args) -> int:
     from dataclasses import asdict
 
-    from activemoe.engine import memory_plan
+    from activemoe.engine import memory_plan, model_shape
 
     config = EngineConfig(device=args.device, dtype=args.dtype,
                           cache=CacheConfig(device_memory_bytes=parse_size(args.gpu_memory), context_tokens=args.context))
@@ -58,7 +60,10 @@ def cmd_plan(args) -> int:
     print(f"memory plan for {args.model} ({args.dtype}, {args.device}):")
     for name, value in result.rows():
         print(f"  {name:<34} {value}")
-    print(json.dumps(asdict(result)))
+    estimate = cli_simulate.plan_estimate(args, model_shape(args.model, args.dtype), result.num_slots)
+    if estimate:
+        print(estimate.pop("line"))
+    print(json.dumps({**asdict(result), **({"estimate": estimate} if estimate else {})}))
     return 0
 
 
@@ -75,6 +80,7 @@ def _add_profile(sub) -> None:
 
 
 def cmd_profile(args) -> int:
+    from dataclasses import replace
     from pathlib import Path
 
     from activemoe import engine, hardware
@@ -86,6 +92,11 @@ def cmd_profile(args) -> int:
     with engine.load(args.model, config) as eng:
         module = next(iter(offloaded_modules(eng.model).values()))
         result = hardware.profile(module, eng.runtime.store, eng.device)
+    resident = EngineConfig(device=args.device, dtype=args.dtype, cache=CacheConfig(slot_fraction=1.0))
+    with engine.load(args.model, resident) as eng:  # the simulator's per-layer time (costmodel.from_profile)
+        expert_ms = (result.expert_device_ms or result.expert_host_ms)["1"]
+        prompt = list(range(3, 3 + min(16, eng.vocab_size - 3)))
+        result = replace(result, decode_layer_ms=hardware.decode_layer_ms(eng, expert_ms, prompt))
     if args.out:
         result.save(args.out)
     print(f"profile (measured, wall clock) of {result.device} on {result.host}, {result.dtype} experts of "
@@ -98,7 +109,8 @@ def cmd_profile(args) -> int:
              + " ms"),
             ("one expert on the device (1/8/64 tokens)", "n/a" if result.expert_device_ms is None else
              " / ".join(f"{v:.3f}" for v in result.expert_device_ms.values()) + " ms"),
-            ("recommended --experts-on", f"{result.recommend_experts_on}: {result.reason}")]
+            ("recommended --experts-on", f"{result.recommend_experts_on}: {result.reason}"),
+            ("non-expert time per MoE layer (decode)", f"{result.decode_layer_ms:.3f} ms")]
     for name, value in rows:
         print(f"  {name:<42} {value}")
     from dataclasses import asdict

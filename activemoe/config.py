@@ -33,6 +33,10 @@ class PrefetchConfig:
     predictor_file: str | None = None  # learned heads; None: activemoe-predictor.safetensors in the model dir
     stream_prefill: bool = True  # while a prompt runs layer N, queue layer N+1's experts (not with predictor "none")
 
+    def chunk_bytes_for(self, expert_bytes: int) -> int:
+        """The copy granularity for experts of `expert_bytes` (link bytes)."""
+        return self.chunk_bytes or max(64 << 10, expert_bytes // 8)
+
 
 @dataclass(frozen=True)
 class LinkConfig:

@@ -294,11 +294,6 @@ def left_pad(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[
     return ids, mask
 
 
-def _chunk_bytes(prefetch: PrefetchConfig, store) -> int:
-    """Copy granularity: configured, or an eighth of an expert's (link) bytes, at least 64 KiB."""
-    return prefetch.chunk_bytes or max(64 << 10, store.expert_bytes // 8)
-
-
 def _as_batch(prompt_ids: list[int] | list[list[int]]) -> list[list[int]]:
     return prompt_ids if prompt_ids and isinstance(prompt_ids[0], list) else [prompt_ids]
 
@@ -337,7 +332,8 @@ def model_shape(model_dir: str | Path, dtype_name: str = "float32") -> ModelShap
     expert_bytes = sum(math.prod(s) for s in spec.shapes.values()) * dtype.itemsize
     return ModelShape(resident_bytes=resident, expert_bytes=expert_bytes, total_experts=len(experts) * spec.num_experts,
                       top_k=top_k_of(hf_config), kv_bytes_per_token=kv_bytes_per_token(hf_config, dtype.itemsize),
-                      hidden_size=hf_config.hidden_size, vocab_size=hf_config.vocab_size, dtype_bytes=dtype.itemsize)
+                      hidden_size=hf_config.hidden_size, vocab_size=hf_config.vocab_size, dtype_bytes=dtype.itemsize,
+                      moe_layers=len(experts))
 
 
 def memory_plan(model_dir: str | Path, config: EngineConfig) -> MemoryPlan:
@@ -419,11 +415,11 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     prefetch, link = config.prefetch, EmulatedLink(config.link.link_gbps)
     if config.precision == "native":
         store.preload(on_progress)
-        slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, link, _chunk_bytes(prefetch, store))
+        slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, link, prefetch.chunk_bytes_for(store.expert_bytes))
     else:  # approximate: compressed host copies, dequantised into full-precision slots
         store = CompressedStore.open(store, model_dir, config.precision, config.quant_cache_dir, on_progress)
         slab = CompressedSlab(num_slots, store.spec.shapes, dtype, device, store.part_shapes(),
-                              store.layout.decode_into, link, _chunk_bytes(prefetch, store))
+                              store.layout.decode_into, link, prefetch.chunk_bytes_for(store.expert_bytes))
     late_miss = None
     if config.late_miss == "int4":
         int4 = CompressedStore.open(store.base if config.precision != "native" else store, model_dir, "int4",

@@ -1,7 +1,7 @@
 """hardware.py measures this machine: link and disk bandwidth, and expert compute time for a model's
 expert shape. The miss-handling decision uses the host timing; `activemoe profile` saves it all.
 
-(Hardware and model-shape presets for the simulator come with the simulator issue.)
+The simulator's hardware and model-shape presets live in presets.py; costmodel.py reads a saved profile.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ class Profile:
     expert_device_ms: dict[str, float] | None  # CUDA only
     recommend_experts_on: str
     reason: str
+    decode_layer_ms: float | None = None  # non-expert time of one MoE layer in a decode step (every expert resident)
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -68,6 +69,23 @@ def expert_ms(module: torch.nn.Module, weights: dict[str, torch.Tensor], hidden:
             x = torch.randn(tokens, hidden, dtype=dtype, device=device)
             out[str(tokens)] = 1e3 * _time(lambda: expert_forward(module, weights, x), repeats, sync)
     return out
+
+
+def decode_layer_ms(engine, expert_ms_1: float, prompt_ids: list[int], new_tokens: int = 32, runs: int = 5) -> float:
+    """Decode with every expert resident (`engine` loaded with all slots; a warm-up run fills them):
+    the median step time less its routed experts' measured compute, per MoE layer. It holds the
+    attention, norms, routers, lm_head and sampling, and the runtime's per-expert overhead."""
+    from activemoe.config import SamplingConfig
+
+    greedy = SamplingConfig(do_sample=False)
+    for _ in range(2):  # warm-up: loads every expert, warms the allocator
+        engine.generate(prompt_ids, max_new_tokens=new_tokens, sampling=greedy)
+    steps = []
+    for _ in range(runs):
+        steps += engine.generate(prompt_ids, max_new_tokens=new_tokens, sampling=greedy).stats.per_token_s
+    step_ms = sorted(steps)[len(steps) // 2] * 1e3
+    layers = len(engine.runtime.store.layers)
+    return max(0.0, step_ms / layers - engine.top_k * expert_ms_1)
 
 
 def disk_read_gbps(store: ExpertStore, max_experts: int = 32) -> float:

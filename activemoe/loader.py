@@ -1,8 +1,9 @@
 """loader.py runs the expert loads: one worker thread that executes the scheduler's tasks chunk by
 chunk with the store (reads) and the slab (copies), and the compute-side calls that wait on them.
 
-One condition variable guards the cache and the scheduler; reads and copies run outside it.
-The loader knows nothing about models, predictors or routing weights.
+One condition variable guards the cache and the scheduler; reads and copies run outside it. The
+decisions themselves live in loader_core.LoaderCore (shared with the simulator). The loader knows
+nothing about models, predictors or routing weights.
 """
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from activemoe.cache import ExpertCache, NoEvictableSlot
-from activemoe.cache_meta import SlotState
-from activemoe.errors import ExpertLoadError
+from activemoe.cache import ExpertCache
 from activemoe.ids import ExpertId
+from activemoe.loader_core import LoaderCore
 from activemoe.scheduler import LoadTask, PrefetchScheduler
 from activemoe.slots import SlotSlab
 from activemoe.store import ExpertStore
@@ -42,8 +42,7 @@ class Loader:
         self.store, self.slab, self.cache, self.scheduler = store, slab, cache, scheduler
         self.cond = threading.Condition()
         self.stats = LoaderStats()
-        self._handed: set[ExpertId] = set()  # critical loads done, their pin held for the consumer
-        self._failed: dict[ExpertId, BaseException] = {}
+        self.core = LoaderCore(cache, scheduler)
         self._sources: dict[ExpertId, dict[str, torch.Tensor]] = {}
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="activemoe-loader", daemon=True)
@@ -53,24 +52,8 @@ class Loader:
     def begin_layer(self, event: int, routed: list[ExpertId], predicted: list[tuple[ExpertId, int, float]]
                     ) -> tuple[list[tuple[ExpertId, int]], list[ExpertId]]:
         """Pin the routed experts that are READY; queue the others as critical; queue predictions."""
-        ready, waiting = [], []
         with self.cond:
-            self.scheduler.routed(event, set(routed))
-            for eid in routed:
-                slot = self.cache.lookup(eid)
-                if slot is not None:
-                    self.cache.pin(slot)
-                    self.cache.touch(slot)
-                    ready.append((eid, slot))
-                else:
-                    self._failed.pop(eid, None)
-                    self.scheduler.require(eid, event)
-                    waiting.append(eid)
-            for eid, due, prob in predicted:
-                if self.cache.slot_of(eid) is not None and eid not in self.scheduler.tasks:
-                    self.scheduler.protect(eid, due)
-                else:
-                    self.scheduler.speculate(eid, due, prob)
+            ready, waiting = self.core.begin_layer(event, routed, predicted)
             if self.scheduler.tasks:  # waking the worker costs a thread switch: only when there is work
                 self.cond.notify_all()
         return ready, waiting
@@ -80,21 +63,12 @@ class Loader:
         start = time.perf_counter()
         with self.cond:
             while True:
-                for eid in pending:
-                    if eid in self._failed:
-                        raise self._failed.pop(eid)
-                    slot = self.cache.slot_of(eid)
-                    if slot is not None and self.cache.meta[slot].state == SlotState.READY:
-                        if eid in self._handed:
-                            self._handed.discard(eid)  # the load's pin becomes the caller's
-                        else:
-                            self.cache.pin(slot)
-                        self.cache.touch(slot)
-                        self.stats.stall_s += time.perf_counter() - start
-                        return eid, slot
-                    if slot is None and eid not in self.scheduler.tasks:
-                        self.scheduler.require(eid, 0)  # evicted before we picked it up: load again
-                        self.cond.notify_all()
+                got, requeued = self.core.take_ready(pending)
+                if requeued:
+                    self.cond.notify_all()
+                if got is not None:
+                    self.stats.stall_s += time.perf_counter() - start
+                    return got
                 if self._stop:
                     raise RuntimeError("the loader was closed")
                 self.cond.wait()
@@ -102,12 +76,8 @@ class Loader:
     def remaining_s(self, eid: ExpertId) -> float:
         """Link time until `eid` could be READY: its own remaining chunks plus critical work ahead."""
         with self.cond:
-            task = self.scheduler.tasks.get(eid)
-            if task is None:
-                return 0.0
-            chunks = self.slab.chunks[task.chunks_done:]
-            ahead = sum(1 for t in self.scheduler.tasks.values() if t.critical and t.key() > task.key())
-            return self.slab.link.transfer_s(sum(c.nbytes for c in chunks) + ahead * self.slab.expert_bytes)
+            nbytes = self.core.remaining_bytes(eid, [c.nbytes for c in self.slab.chunks], self.slab.expert_bytes)
+            return self.slab.link.transfer_s(nbytes)
 
     def preload(self, eids: list[ExpertId]) -> None:
         """Load `eids` into slots now, in order, before any generation (when every expert has a slot)."""
@@ -132,24 +102,14 @@ class Loader:
     def release(self, slot: int) -> None:
         self.slab.release(slot)
         with self.cond:
-            self.cache.unpin(slot)
+            self.core.release(slot)
             if self.scheduler.tasks:  # a queued load may have been waiting for an evictable slot
                 self.cond.notify_all()
 
     def abandon(self, eids) -> None:
         """The caller no longer waits for these (error, or computed on the host)."""
         with self.cond:
-            for eid in eids:
-                self._failed.pop(eid, None)
-                if eid in self._handed:
-                    self._handed.discard(eid)
-                    self.cache.unpin(self.cache.slot_of(eid))
-                task = self.scheduler.tasks.get(eid)
-                if task is not None:
-                    if task.slot is None:
-                        self.scheduler.drop(task)
-                    else:
-                        task.abandoned = True
+            self.core.abandon(eids)
             self.cond.notify_all()
 
     def close(self) -> None:
@@ -191,43 +151,18 @@ class Loader:
                 self.cond.notify_all()
 
     def _next(self) -> LoadTask | None:
-        """The task to give the next chunk to; starts it (allocates its slot) if needed."""
-        for task in self.scheduler.candidates():
-            if task.cancelled:  # no chunk is in flight (the worker is asking): free its slot
-                self.cache.abort(task.slot)
-                self._sources.pop(task.eid, None)
-                self.scheduler.finish(task)
-                continue
-            if task.slot is not None:
-                return task
-            try:
-                slot, _ = self.cache.allocate(task.eid, speculative=not task.critical,
-                                              protected=self.scheduler.protected_set() - {task.eid}, due=task.due)
-            except NoEvictableSlot:
-                # Never force a load in: it waits (queued, cancellable) until a slot may be evicted;
-                # a speculative one is dropped once its layer has routed. Work in flight may progress.
-                continue
-            self.scheduler.start(task, slot)
-            return task
-        return None
+        task = self.core.next_task()
+        for eid in self.core.take_dropped():  # cancelled in flight: their sources are no longer needed
+            self._sources.pop(eid, None)
+        return task
 
     def _complete(self, task: LoadTask) -> None:
-        self.cache.mark_ready(task.slot)
         self._sources.pop(task.eid, None)
-        if task.critical and not task.abandoned:
-            self._handed.add(task.eid)
-        else:
-            self.cache.unpin(task.slot)
-        self.scheduler.finish(task)
+        self.core.complete(task)
 
     def _fail(self, task: LoadTask, error: BaseException) -> None:
         with self.cond:
             log.warning("load of %s failed: %s", task.eid, error)
-            self.cache.abort(task.slot)
             self._sources.pop(task.eid, None)
-            self.scheduler.finish(task)
-            if task.critical and not task.abandoned:
-                if not isinstance(error, ExpertLoadError):
-                    error = ExpertLoadError(f"cannot load layer {task.eid.layer} expert {task.eid.expert}: {error}")
-                self._failed[task.eid] = error
+            self.core.fail(task, error)
             self.cond.notify_all()

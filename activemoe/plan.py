@@ -23,6 +23,7 @@ class ModelShape:
     hidden_size: int
     vocab_size: int
     dtype_bytes: int
+    moe_layers: int = 1  # decoder layers with routed experts (total_experts / moe_layers per layer)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,11 @@ from activemoe.ids import ExpertId
 
 class EvictionPolicy:
     name = "base"
+    indexed = False  # the priority of a slot changes only when the cache touches or inserts it
+
+    def no_later_evictable(self, priority: tuple, speculative: bool, due: int | None) -> bool:
+        """An indexed policy: no slot ranked after `priority` may make room for this load."""
+        return False
 
     def priority(self, meta: SlotMeta, now: int) -> tuple:
         raise NotImplementedError
@@ -22,7 +27,8 @@ class EvictionPolicy:
         """May `meta` make room for a load (speculative ones are due at MoE-layer event `due`)?"""
         return True
 
-    def on_touch(self, slot: int, metas: list[SlotMeta]) -> None:
+    def on_touch(self, slot: int, metas: list[SlotMeta]) -> list[int] | None:
+        """After a touch of `slot`; returns the other slots whose priority it changed (indexed policies)."""
         pass
 
     def on_insert(self, meta: SlotMeta) -> None:
@@ -37,6 +43,7 @@ class LRU(EvictionPolicy):
     """Least recently used first: mixtral-offloading's shipped algorithm, the reactive baseline."""
 
     name = "lru"
+    indexed = True
 
     def priority(self, meta: SlotMeta, now: int) -> tuple:
         return (meta.last_use,)
@@ -46,6 +53,7 @@ class LFU(EvictionPolicy):
     """Least frequently used first; ties broken by recency."""
 
     name = "lfu"
+    indexed = True
 
     def priority(self, meta: SlotMeta, now: int) -> tuple:
         return (meta.use_count, meta.last_use)
@@ -68,6 +76,7 @@ class SLRU(EvictionPolicy):
     slots; cold entries are evicted first; speculative loads enter cold and evict only cold entries."""
 
     name = "slru"
+    indexed = True  # a demotion is reported by on_touch
 
     def __init__(self, hot_fraction: float = 0.5):
         self.hot_fraction = hot_fraction
@@ -78,14 +87,18 @@ class SLRU(EvictionPolicy):
     def may_evict(self, meta: SlotMeta, speculative: bool, due: int | None = None) -> bool:
         return not speculative or meta.segment == Segment.COLD
 
-    def on_touch(self, slot: int, metas: list[SlotMeta]) -> None:
+    def on_touch(self, slot: int, metas: list[SlotMeta]) -> list[int]:
         meta = metas[slot]
         if meta.segment == Segment.HOT or meta.use_count < 2:
-            return
+            return []
         meta.segment = Segment.HOT
-        hot = [m for m in metas if m.segment == Segment.HOT and m.expert is not None]
+        hot = [m for m in metas if m.segment and m.expert is not None]  # Segment.HOT is the truthy one
         if len(hot) > max(1, int(self.hot_fraction * len(metas))):
-            min(hot, key=lambda m: m.last_use).segment = Segment.COLD  # demote the LRU hot entry
+            oldest = min(hot, key=lambda m: m.last_use)  # demote the LRU hot entry
+            demoted = next(i for i, m in enumerate(metas) if m is oldest)
+            metas[demoted].segment = Segment.COLD
+            return [demoted]
+        return []
 
 
 class Belady(EvictionPolicy):
@@ -96,6 +109,7 @@ class Belady(EvictionPolicy):
     kept on the slot (set on insert and on every touch) and the evict loop reads a field."""
 
     name = "belady"
+    indexed = True
 
     def __init__(self, future: Callable[[ExpertId, int], float], now: Callable[[], int]):
         self.future, self.now = future, now
@@ -114,6 +128,9 @@ class Belady(EvictionPolicy):
 
     def is_ideal(self, priority: tuple) -> bool:
         return priority[0] == -math.inf  # never used again
+
+    def no_later_evictable(self, priority: tuple, speculative: bool, due: int | None) -> bool:
+        return speculative and due is not None and -priority[0] <= due  # later slots are needed sooner
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "lfru": LFRU, "slru": SLRU, "belady": Belady}

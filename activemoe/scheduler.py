@@ -102,6 +102,10 @@ class PrefetchScheduler:
         return stale
 
     # -- execution ------------------------------------------------------------------------------
+    def queued_critical(self) -> list[LoadTask]:
+        """Critical tasks without a slot yet, best first."""
+        return sorted((t for t in self.tasks.values() if t.critical and t.slot is None), key=LoadTask.key, reverse=True)
+
     def in_flight(self) -> list[LoadTask]:
         return [t for t in self.tasks.values() if t.slot is not None]
 

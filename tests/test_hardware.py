@@ -13,6 +13,7 @@ def test_profile_saves_a_complete_profile(capsys, checkpoint, tmp_path):
     assert saved["device"] == "cpu" and saved["h2d_pinned_gbps"] is None and saved["recommend_experts_on"] == "host"
     assert saved["host_copy_gbps"] > 0 and saved["disk_read_gbps"] > 0
     assert set(saved["expert_host_ms"]) == {"1", "8", "64"} and all(v > 0 for v in saved["expert_host_ms"].values())
+    assert saved["decode_layer_ms"] > 0  # the simulator's per-layer time (costmodel.from_profile)
     assert not list(tmp_path.glob(".*.tmp"))
 
 

@@ -1,0 +1,155 @@
+"""loader_core.py holds the loader's decisions over the cache and the scheduler: which routed experts
+are hits, what is queued, which task gets the next chunk, what a finished load hands over. It knows
+nothing about threads, locks, tensors or clocks: the threaded Loader calls it under its lock and the
+simulator calls it on a virtual clock, so both make the same decisions (one code path).
+"""
+from __future__ import annotations
+
+from activemoe.cache import ExpertCache, NoEvictableSlot
+from activemoe.cache_meta import SlotState
+from activemoe.errors import ExpertLoadError
+from activemoe.ids import ExpertId
+from activemoe.scheduler import LoadTask, PrefetchScheduler
+
+
+class LoaderCore:
+    def __init__(self, cache: ExpertCache, scheduler: PrefetchScheduler):
+        self.cache, self.scheduler = cache, scheduler
+        self.handed: set[ExpertId] = set()  # critical loads done, their pin held for the consumer
+        self.failed: dict[ExpertId, BaseException] = {}
+        self.dropped: list[ExpertId] = []  # cancelled in-flight loads since take_dropped()
+        self.landed: dict[ExpertId, int] = {}  # loads completed since this layer began, in order
+
+    # -- compute side ---------------------------------------------------------------------------
+    def begin_layer(self, event: int, routed: list[ExpertId], predicted: list[tuple[ExpertId, int, float]]
+                    ) -> tuple[list[tuple[ExpertId, int]], list[ExpertId]]:
+        """Pin the routed experts that are READY; queue the others as critical; queue predictions."""
+        ready, waiting = [], []
+        self.landed.clear()  # what is pending from now on lands after this point
+        self.scheduler.routed(event, set(routed))
+        for eid in routed:
+            slot = self.cache.lookup(eid)
+            if slot is not None:
+                self.cache.pin(slot)
+                self.cache.touch(slot)  # used now: touched before any eviction this layer's misses cause
+                ready.append((eid, slot))
+            else:
+                self.failed.pop(eid, None)
+                self.scheduler.require(eid, event)
+                waiting.append(eid)
+        for eid, due, prob in predicted:
+            if self.cache.slot_of(eid) is not None and eid not in self.scheduler.tasks:
+                self.scheduler.protect(eid, due)
+            else:
+                self.scheduler.speculate(eid, due, prob)
+        self.start_critical()
+        return ready, waiting
+
+    def start_critical(self) -> None:
+        """Give slots to queued critical loads now, best first, while a slot may be evicted. The compute
+        path calls this (under the loader's lock) when it queues misses and when it releases a slot, so
+        a critical load's victim is chosen at those fixed points, never at a thread's whim."""
+        for task in self.scheduler.queued_critical():
+            try:
+                slot, _ = self.cache.allocate(task.eid, protected=self.scheduler.protected_set() - {task.eid},
+                                              due=task.due)
+            except NoEvictableSlot:
+                return
+            self.scheduler.start(task, slot)
+
+    def release(self, slot: int) -> None:
+        """The compute path is done with `slot`: it may now make room for a waiting critical load."""
+        self.cache.unpin(slot)
+        self.start_critical()
+
+    def take_ready(self, pending: set[ExpertId]) -> tuple[tuple[ExpertId, int] | None, bool]:
+        """The pending expert that became READY first, pinned for the caller (or None), so a caller that
+        comes late takes them in landing order, as a punctual one would; and whether an expert evicted
+        before it was picked up was queued again (the worker must be woken)."""
+        requeued, best = False, None
+        for eid in pending:
+            if eid in self.failed:
+                raise self.failed.pop(eid)
+            slot = self.cache.slot_of(eid)
+            if slot is not None and self.cache.meta[slot].state == SlotState.READY:
+                order = self.landed.get(eid, -1)
+                if best is None or order < best[2]:
+                    best = (eid, slot, order)
+            elif slot is None and eid not in self.scheduler.tasks:
+                self.scheduler.require(eid, 0)  # evicted before we picked it up: load again
+                self.start_critical()
+                requeued = True
+        if best is None:
+            return None, requeued
+        eid, slot, _ = best
+        if eid in self.handed:
+            self.handed.discard(eid)  # the load's pin becomes the caller's
+        else:
+            self.cache.pin(slot)
+        self.cache.touch(slot)
+        return (eid, slot), requeued
+
+    def remaining_bytes(self, eid: ExpertId, chunk_bytes: list[int], expert_bytes: int) -> int:
+        """Bytes to copy before `eid` could be READY: its own remaining chunks plus critical work ahead."""
+        task = self.scheduler.tasks.get(eid)
+        if task is None:
+            return 0
+        ahead = sum(1 for t in self.scheduler.tasks.values() if t.critical and t.key() > task.key())
+        return sum(chunk_bytes[task.chunks_done:]) + ahead * expert_bytes
+
+    def abandon(self, eids) -> None:
+        """The caller no longer waits for these (error, or computed on the host)."""
+        for eid in eids:
+            self.failed.pop(eid, None)
+            if eid in self.handed:
+                self.handed.discard(eid)
+                self.cache.unpin(self.cache.slot_of(eid))
+            task = self.scheduler.tasks.get(eid)
+            if task is not None:
+                if task.slot is None:
+                    self.scheduler.drop(task)
+                else:
+                    task.abandoned = True
+
+    # -- worker side ----------------------------------------------------------------------------
+    def next_task(self) -> LoadTask | None:
+        """The task to give the next chunk to; starts it (allocates its slot) if needed."""
+        for task in self.scheduler.candidates():
+            if task.cancelled:  # stale speculative load between chunks (no chunk is in flight): free its slot
+                self.cache.abort(task.slot)
+                self.scheduler.finish(task)
+                self.dropped.append(task.eid)
+                continue
+            if task.slot is not None:
+                return task
+            try:
+                slot, _ = self.cache.allocate(task.eid, speculative=not task.critical,
+                                              protected=self.scheduler.protected_set() - {task.eid}, due=task.due)
+            except NoEvictableSlot:
+                # Never force a load in: it waits (queued, cancellable) until a slot may be evicted;
+                # a speculative one is dropped once its layer has routed. Work in flight may progress.
+                continue
+            self.scheduler.start(task, slot)
+            return task
+        return None
+
+    def take_dropped(self) -> list[ExpertId]:
+        dropped, self.dropped = self.dropped, []
+        return dropped
+
+    def complete(self, task: LoadTask) -> None:
+        self.cache.mark_ready(task.slot)
+        self.landed[task.eid] = len(self.landed)
+        if task.critical and not task.abandoned:
+            self.handed.add(task.eid)
+        else:
+            self.cache.unpin(task.slot)
+        self.scheduler.finish(task)
+
+    def fail(self, task: LoadTask, error: BaseException) -> None:
+        self.cache.abort(task.slot)
+        self.scheduler.finish(task)
+        if task.critical and not task.abandoned:
+            if not isinstance(error, ExpertLoadError):
+                error = ExpertLoadError(f"cannot load layer {task.eid.layer} expert {task.eid.expert}: {error}")
+            self.failed[task.eid] = error

@@ -1,0 +1,326 @@
+"""simulate.py: trace-driven, discrete-event simulation of offloaded decode on a virtual clock.
+
+It drives the engine's own decision code — loader_core.LoaderCore over cache.ExpertCache, the
+policies, scheduler.PrefetchScheduler and the predictors — with a copy engine and a compute path that
+advance a virtual clock by a named costmodel.CostModel instead of moving tensors. So for one
+configuration the hits, loads and evictions are the engine's. It knows nothing about CUDA or torch
+modules. Every figure it produces is simulated.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from activemoe.cache import ExpertCache
+from activemoe.config import CacheConfig, PrefetchConfig
+from activemoe.costmodel import CostModel
+from activemoe.errors import UserError
+from activemoe.ids import ExpertId
+from activemoe.loader_core import LoaderCore
+from activemoe.policies import Belady, make_policy
+from activemoe.predictors import HistoryPredictor, NoPredictor, OraclePredictor, Prediction
+from activemoe.scheduler import PrefetchScheduler
+from activemoe.workload import Event, Workload
+
+SIM_PREDICTORS = ("none", "oracle", "history")  # pregate/learned/adaptive need hidden states and routers
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    cache: CacheConfig  # num_slots must be set
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    prefill_tokens: int = 0  # leading tokens of the workload run as one prefill forward
+    oracle_recall: float | None = None  # degrade the oracle to this recall (wrong guesses replace misses)
+    seed: int = 0  # of the degraded oracle's choices
+
+    def label(self) -> str:
+        p = self.prefetch
+        pred = p.predictor if self.oracle_recall is None else f"oracle@{self.oracle_recall:g}"
+        return f"{self.cache.num_slots} slots {self.cache.policy} {pred} L{p.lookahead}"
+
+
+@dataclass(frozen=True)
+class SimResult:
+    config: str
+    tokens: int  # decode tokens
+    decode_s: float  # virtual time of the decode steps
+    prefill_s: float
+    tok_s: float  # decode tokens per simulated second
+    activations: int
+    hits: int  # activations whose expert was READY when routed
+    hit_rate: float
+    lookups: int  # (layer event, routed expert) lookups; cache hits/misses count these
+    loads: int
+    evictions: int
+    critical: int
+    speculative: int
+    wasted: int
+    stall_s: float  # decode time the compute path waited for loads
+    bytes_moved: int
+    recall: dict[str, float]  # lookahead k -> recall@k over decode steps
+    compute_floor_tok_s: float  # every expert resident
+    link_floor_tok_s: float  # Belady's (minimum) decode loads over the link, no compute
+    oracle_bound_tok_s: float  # perfect prediction + Belady + perfect overlap
+    efficiency: float  # tok_s / oracle_bound_tok_s
+
+
+class DegradedOracle:
+    """The oracle at a chosen recall: each expert it names is kept with probability `recall`, else
+    replaced by an expert of the same layer that is not routed there (the budget stays the same)."""
+
+    name = "oracle-degraded"
+
+    def __init__(self, oracle: OraclePredictor, recall: float, num_experts: int, seed: int):
+        self.oracle, self.recall, self.num_experts = oracle, recall, num_experts
+        self.rng = random.Random(seed)
+
+    def begin(self) -> None:
+        self.oracle.begin()
+
+    def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
+        out = []
+        for p in self.oracle.predict(event, layer, hidden, top_k_index):
+            wrong = [e for e in range(self.num_experts) if e not in p.experts]
+            self.rng.shuffle(wrong)
+            named = tuple(e if self.rng.random() < self.recall or not wrong else wrong.pop() for e in p.experts)
+            out.append(Prediction(p.distance, p.layer, named, p.probs, p.budget))
+        return out
+
+
+class _Announcer:
+    """What runtime.ExpertRuntime.forward hands the loader from the predictions (each (expert, due)
+    once, the configured budget per target) and its recall@k scoring, mirrored line for line."""
+
+    def __init__(self, budget: int | None):
+        self.budget = budget
+        self.sent: dict[int, set[ExpertId]] = {}
+        self.predicted: dict[int, dict[int, set[int]]] = {}
+        self.recall: dict[int, tuple[int, int]] = {}
+
+    def __call__(self, event: int, routed: tuple[int, ...], top_k: int, decode: bool,
+                 predictions: list[Prediction]) -> list[tuple[ExpertId, int, float]]:
+        named_at = self.predicted.pop(event, {})
+        if decode:
+            for distance, named in named_at.items():
+                hit, total = self.recall.get(distance, (0, 0))
+                self.recall[distance] = (hit + len(named.intersection(routed)), total + len(routed))
+        budget = self.budget or top_k
+        for due in [d for d in self.sent if d <= event]:
+            del self.sent[due]
+        out = []
+        for p in predictions:
+            experts = p.experts[:budget if p.budget is None else p.budget]
+            due = event + p.distance
+            self.predicted.setdefault(due, {})[p.distance] = set(experts)
+            sent = self.sent.setdefault(due, set())
+            out += [(eid, due, prob) for e, prob in zip(experts, p.probs)
+                    if (eid := ExpertId(p.layer, e)) not in sent and not sent.add(eid)]
+        return out
+
+
+class _CopyEngine:
+    """The loader's worker thread on the virtual clock: one chunk at a time, the next task chosen by
+    LoaderCore after every chunk; idle, it reacts to the compute path's notify `cost.wake_s` later."""
+
+    def __init__(self, core: LoaderCore, cost: CostModel, chunk_bytes: list[int]):
+        self.core, self.cost, self.chunks = core, cost, chunk_bytes
+        self.task, self.end = None, math.inf  # chunk in flight (None: a pick is due at `end`, or idle)
+        self.bytes_moved = 0
+
+    @property
+    def idle(self) -> bool:
+        return self.end == math.inf
+
+    def _pick(self, now: float) -> None:
+        task = self.core.next_task()
+        self.task, self.end = task, math.inf
+        if task is not None:
+            nbytes = self.chunks[task.chunks_done]
+            latency = self.cost.link_latency_s if task.chunks_done == 0 else 0.0
+            self.end = now + latency + self.cost.transfer_s(nbytes)
+            self.bytes_moved += nbytes
+
+    def advance(self, t: float) -> None:
+        """Run the worker up to `t`: complete the chunks that end by then, picking the next at each end."""
+        while self.end <= t:
+            task, end = self.task, self.end
+            if task is not None:
+                task.chunks_done += 1
+                if task.chunks_done == len(self.chunks):
+                    self.core.complete(task)
+            self._pick(end)
+
+    def kick(self, now: float) -> None:
+        """The compute path notified the worker (new work, a released slot): an idle worker picks
+        after its wake-up, so the compute path's next step (e.g. touching a hit) comes first."""
+        if self.idle:
+            self.end = now + self.cost.wake_s
+
+
+def _chunk_plan(expert_bytes: int, chunk_bytes: int) -> list[int]:
+    n = max(1, -(-expert_bytes // chunk_bytes))
+    return [expert_bytes // n + (i < expert_bytes % n) for i in range(n)]
+
+
+def num_slots(cache: str, total_experts: int, top_k: int) -> int:
+    """'25%' of all routed experts, or a slot count; refused below one layer's top-k."""
+    text = cache.strip()
+    try:
+        slots = round(float(text[:-1]) / 100 * total_experts) if text.endswith("%") else int(text)
+    except ValueError:
+        raise UserError(f"bad --cache {cache!r}: use a share of all experts (25%) or a slot count") from None
+    if slots < top_k:
+        raise UserError(f"--cache {cache} gives {slots} slots, fewer than one layer's top-k; the minimum is {top_k}")
+    return min(slots, total_experts)
+
+
+def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes: list[int] | None = None
+             ) -> SimResult:
+    """Replay `workload` under `config` on the virtual clock of `cost`."""
+    events = workload.events(config.prefill_tokens)
+    routing = [(e.layer, e.routed) for e in events]
+    slots = config.cache.num_slots
+    if slots is None or slots < workload.top_k:
+        raise UserError(f"the cache needs at least {workload.top_k} slots (one layer's top-k)")
+    p = config.prefetch
+    predictor, clock = _predictor(workload, config, routing)
+    policy = make_policy(config.cache.policy)
+    if config.cache.policy == "belady":
+        future = OraclePredictor(routing, 1)
+        policy = Belady(future.next_use, lambda: clock[0])
+    cache = ExpertCache(slots, policy)
+    if slots >= len(workload.layers) * workload.num_experts:  # as the engine: everything fits, loaded at start
+        for eid in (ExpertId(layer, e) for layer in workload.layers for e in range(workload.num_experts)):
+            cache.mark_ready(cache.allocate(eid)[0])
+            cache.unpin(cache.slot_of(eid))
+        cache.stats.get_and_reset()
+    core = LoaderCore(cache, PrefetchScheduler(p.issue_window))
+    engine = _CopyEngine(core, cost, chunk_bytes or _chunk_plan(cost.expert_bytes, p.chunk_bytes_for(cost.expert_bytes)))
+    announce = _Announcer(p.budget)
+    predictor.begin()
+    t, stall, hits, activations, decode_start, decode_stall = 0.0, 0.0, 0, 0, None, 0.0
+    n_prefill = len(workload.layers) if config.prefill_tokens else 0
+    for event, ev in enumerate(events):
+        if event == n_prefill:
+            decode_start, decode_stall = t, stall
+        t += cost.layer_s(ev.tokens)  # attention, norms, router of this decoder layer
+        engine.advance(t)
+        clock[0] = event  # the event a future-knowing policy sees from now on (the oracle's `now`)
+        predicted = []
+        if not isinstance(predictor, NoPredictor):
+            index = torch.tensor([ev.routed]) if ev.tokens == 1 else torch.tensor(ev.routed)[:, None]
+            predicted = announce(event, ev.routed, workload.top_k, ev.tokens == 1,
+                                 predictor.predict(event, ev.layer, None, index))
+        routed = [ExpertId(ev.layer, e) for e in ev.routed]
+        ready, waiting = core.begin_layer(event, routed, predicted)
+        if core.scheduler.tasks:  # as Loader.begin_layer: a notify only when there is work
+            engine.kick(t)
+        counts = dict(zip(ev.routed, ev.counts))
+        activations += sum(ev.counts)  # tokens x top-k
+        hits += sum(counts[eid.expert] for eid, _ in ready)
+        pending = set(waiting)
+        while ready:
+            eid, slot = ready.pop()
+            t = _compute(core, engine, cost, slot, counts[eid.expert], t)
+        while pending:
+            got, requeued = core.take_ready(pending)
+            if requeued:
+                engine.kick(t)
+            if got is None:
+                if engine.idle:
+                    raise RuntimeError(f"simulation stalled at event {event}: nothing loading for {pending}")
+                stall += engine.end - t
+                t = engine.end
+                engine.advance(t)
+                continue
+            pending.discard(got[0])
+            t = _compute(core, engine, cost, got[1], counts[got[0].expert], t)
+    if decode_start is None:
+        decode_start, decode_stall = t, stall
+    return _result(workload, config, cost, events[n_prefill:], slots, t - decode_start, decode_start,
+                   stall - decode_stall, hits, activations, cache, core, engine, announce)
+
+
+def _predictor(workload: Workload, config: SimConfig, routing) -> tuple[object, list[int]]:
+    p = config.prefetch
+    if p.predictor not in SIM_PREDICTORS:
+        raise UserError(f"the simulator runs predictors {', '.join(SIM_PREDICTORS)} (and oracle@RECALL); "
+                        f"{p.predictor!r} needs hidden states and router weights")
+    if config.cache.policy == "belady" or config.oracle_recall is not None or p.predictor == "oracle":
+        if p.lookahead < 1:
+            raise UserError("--lookahead must be at least 1")
+    if config.oracle_recall is not None:
+        if not 0 <= config.oracle_recall <= 1:
+            raise UserError("an oracle's recall must lie in [0, 1]")
+        return DegradedOracle(OraclePredictor(routing, p.lookahead), config.oracle_recall, workload.num_experts,
+                              config.seed), [0]
+    if p.predictor == "oracle":
+        return OraclePredictor(routing, p.lookahead), [0]
+    if p.predictor == "history":
+        return HistoryPredictor(list(workload.layers), workload.num_experts, p.lookahead), [0]
+    return NoPredictor(), [0]
+
+
+def _compute(core: LoaderCore, engine: _CopyEngine, cost: CostModel, slot: int, tokens: int, t: float) -> float:
+    """runtime._run_slot: run the expert (LoaderCore touched it when it pinned it), release the slot
+    (Loader.release wakes the worker only when loads are queued)."""
+    t += cost.expert_s(tokens)
+    engine.advance(t)
+    core.release(slot)
+    if core.scheduler.tasks:
+        engine.kick(t)
+    return t
+
+
+def belady_loads(events: list[Event], num_slots: int) -> int:
+    """The fewest loads any cache of `num_slots` needs to serve `events` one expert at a time, from the
+    best possible starting content (the first `num_slots` distinct experts, free): Belady's MIN."""
+    seq = [(ev.layer, e) for ev in events for e in ev.routed]
+    next_use = [math.inf] * len(seq)
+    last: dict = {}
+    for i in range(len(seq) - 1, -1, -1):
+        next_use[i] = last.get(seq[i], math.inf)
+        last[seq[i]] = i
+    resident: dict = {}  # expert -> its next use
+    heap: list = []  # (-next use, expert), lazily invalidated
+    loads = 0
+    for i, eid in enumerate(seq):  # while the cache is not full, experts enter free (the warm start)
+        if eid not in resident:
+            if len(resident) >= num_slots:
+                while True:
+                    neg, victim = heapq.heappop(heap)
+                    if resident.get(victim) == -neg:
+                        del resident[victim]
+                        break
+                loads += 1
+        resident[eid] = next_use[i]
+        heapq.heappush(heap, (-next_use[i], eid))
+    return loads
+
+
+def bounds(events: list[Event], tokens: int, num_slots: int, cost: CostModel) -> tuple[float, float, float]:
+    """(compute floor, link floor, oracle bound) in tokens per second for these events of `tokens` tokens."""
+    compute = sum(cost.layer_s(ev.tokens) + sum(cost.expert_s(c) for c in ev.counts) for ev in events)
+    link = belady_loads(events, num_slots) * (cost.transfer_s(cost.expert_bytes) + cost.link_latency_s)
+    rate = lambda s: tokens / s if s > 0 else math.inf  # noqa: E731
+    return rate(compute), rate(link), rate(max(compute, link))
+
+
+def _result(workload, config, cost, decode_events, slots, decode_s, prefill_s, stall, hits, activations,
+            cache, core, engine, announce) -> SimResult:
+    tokens = workload.num_tokens - config.prefill_tokens
+    compute_floor, link_floor, bound = bounds(decode_events, tokens, slots, cost)
+    tok_s = tokens / decode_s if decode_s > 0 else math.inf
+    cs, ss = cache.stats, core.scheduler.stats
+    return SimResult(
+        config=config.label(), tokens=tokens, decode_s=decode_s, prefill_s=prefill_s, tok_s=tok_s,
+        activations=activations, hits=hits, hit_rate=hits / activations if activations else 0.0,
+        lookups=cs.hits + cs.misses, loads=cs.loads, evictions=cs.evictions, critical=ss.critical,
+        speculative=cs.loads - ss.critical, wasted=cs.wasted, stall_s=stall, bytes_moved=engine.bytes_moved,
+        recall={str(k): h / n for k, (h, n) in sorted(announce.recall.items()) if n},
+        compute_floor_tok_s=compute_floor, link_floor_tok_s=link_floor, oracle_bound_tok_s=bound,
+        efficiency=tok_s / bound if bound and bound != math.inf else 1.0)
