@@ -27,15 +27,11 @@ class PrefetchConfig:
     predictor: str = "none"  # key of predictors.PREDICTORS
     lookahead: int = 1  # MoE layers ahead that predictions reach
     issue_window: int = 2  # speculative loads in flight at once; the rest stay queued and cancellable
-    chunk_bytes: int | None = None  # copy granularity (a critical load overtakes, a stale speculative load
-    #                                 stops, between chunks); None: an eighth of an expert, at least 64 KiB
+    chunk_bytes: int = 1 << 20  # copy granularity: a critical load overtakes, a stale speculative one stops,
+    #                             between chunks (smaller chunks cost a thread hand-over each: measured slower)
     budget: int | None = None  # predicted experts prefetched per target layer; None: the model's top-k
     predictor_file: str | None = None  # learned heads; None: activemoe-predictor.safetensors in the model dir
     stream_prefill: bool = True  # while a prompt runs layer N, queue layer N+1's experts (not with predictor "none")
-
-    def chunk_bytes_for(self, expert_bytes: int) -> int:
-        """The copy granularity for experts of `expert_bytes` (link bytes)."""
-        return self.chunk_bytes or max(64 << 10, expert_bytes // 8)
 
 
 @dataclass(frozen=True)

@@ -415,11 +415,11 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     prefetch, link = config.prefetch, EmulatedLink(config.link.link_gbps)
     if config.precision == "native":
         store.preload(on_progress)
-        slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, link, prefetch.chunk_bytes_for(store.expert_bytes))
+        slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, link, prefetch.chunk_bytes)
     else:  # approximate: compressed host copies, dequantised into full-precision slots
         store = CompressedStore.open(store, model_dir, config.precision, config.quant_cache_dir, on_progress)
         slab = CompressedSlab(num_slots, store.spec.shapes, dtype, device, store.part_shapes(),
-                              store.layout.decode_into, link, prefetch.chunk_bytes_for(store.expert_bytes))
+                              store.layout.decode_into, link, prefetch.chunk_bytes)
     late_miss = None
     if config.late_miss == "int4":
         int4 = CompressedStore.open(store.base if config.precision != "native" else store, model_dir, "int4",
@@ -492,7 +492,7 @@ def _check_choices(config: EngineConfig) -> None:
     p = config.prefetch
     if p.predictor not in PREDICTORS:
         raise UserError(f"unknown predictor {p.predictor!r}; known: {', '.join(PREDICTORS)}")
-    if p.lookahead < 1 or p.issue_window < 1 or (p.chunk_bytes is not None and p.chunk_bytes < 1):
+    if p.lookahead < 1 or p.issue_window < 1 or p.chunk_bytes < 1:
         raise UserError("--lookahead, the issue window and the chunk size must be at least 1")
     if config.routing not in ROUTING:
         raise UserError(f"unknown --routing {config.routing!r}; known: {', '.join(ROUTING)}")

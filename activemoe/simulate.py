@@ -199,7 +199,7 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
             cache.unpin(cache.slot_of(eid))
         cache.stats.get_and_reset()
     core = LoaderCore(cache, PrefetchScheduler(p.issue_window))
-    engine = _CopyEngine(core, cost, chunk_bytes or _chunk_plan(cost.expert_bytes, p.chunk_bytes_for(cost.expert_bytes)))
+    engine = _CopyEngine(core, cost, chunk_bytes or _chunk_plan(cost.expert_bytes, p.chunk_bytes))
     announce = _Announcer(p.budget)
     predictor.begin()
     t, stall, hits, activations, decode_start, decode_stall = 0.0, 0.0, 0, 0, None, 0.0
