@@ -108,8 +108,8 @@ class LoaderCore:
             if task is not None:
                 if task.slot is None:
                     self.scheduler.drop(task)
-                else:
-                    task.abandoned = True
+                else:  # in flight (its slot is given when queued): stop it before its next chunk
+                    task.abandoned = task.cancelled = True
 
     # -- worker side ----------------------------------------------------------------------------
     def next_task(self) -> LoadTask | None:

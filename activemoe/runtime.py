@@ -184,6 +184,8 @@ class ExpertRuntime:
             self.stats.decode_hits += hits
         pending = set(waiting)
         try:
+            if self.late_miss is not None and pending:  # decide before the copies start, so dropped ones cost nothing
+                self._serve_late(run, pending, counts)
             while ready:  # a loop of small per-expert calls beats one grouped call over a large slab
                 eid, slot = ready.pop()
                 self._run_slot(run, eid, slot)

@@ -24,7 +24,7 @@ class LoadTask:
     slot: int | None = None  # set when the task starts (in flight)
     chunks_done: int = 0
     abandoned: bool = False  # its consumer went away (error or host compute): release on completion
-    cancelled: bool = False  # speculative, in flight, and its layer routed without it: stop between chunks
+    cancelled: bool = False  # in flight but no longer wanted (stale speculative, abandoned critical): stop between chunks
     version: int = 0  # bumped on re-prioritisation; stale heap entries are skipped
 
     def key(self) -> tuple:
@@ -66,7 +66,9 @@ class PrefetchScheduler:
         if task is None:
             self.stats.critical += 1
             return self._add(LoadTask(eid, True, due, 1.0, next(self._seq)))
-        if not task.critical:
+        if task.critical and task.cancelled:  # abandoned by an earlier consumer, wanted again
+            task.cancelled = task.abandoned = False
+        elif not task.critical:
             self.stats.promoted += 1
             task.critical, task.due, task.prob, task.cancelled = True, min(task.due, due), 1.0, False
             self._reprioritise(task)

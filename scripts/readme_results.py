@@ -67,18 +67,6 @@ def predictors() -> str:
     return "\n".join(lines) + "\n"
 
 
-def end_to_end() -> str:
-    r = _load("predictors_bundled_cpu_lookahead2.json")
-    base = r["rows"][0]["decode_tok_s"]
-    cells = ", ".join(f"{row['config']} {row['decode_tok_s']:.1f} ({row['decode_tok_s'] / base:.2f}×)"
-                      for row in r["rows"])
-    return f"""End to end on the bundled model (`bench/prefetch_efficiency.py --model activemoe/assets/tiny-moe
---prompt-file <first held-out file> --prompt-tokens 64 --new-tokens {r['new_tokens']} --runs 5 --lookahead
-{r['lookahead']} --caches 0.25 --configs ...`, link {r['link_gbps']:.3f} GB/s; decode tok/s, median, ratio to the
-first): {cells}; all experts resident {r['compute_floor_tok_s']:.1f}.
-"""
-
-
 def compressed() -> str:
     r = _load("compressed_tiers_cpu.json")
     links = r["links_gbps"]
@@ -130,6 +118,21 @@ TTFT floor = the prompt's distinct experts × expert bytes ÷ link):
     return "\n".join(lines) + "\n"
 
 
+def compare() -> str:
+    r = _load("compare_bundled_cpu/compare.json")
+    caches = list(dict.fromkeys(row["cache"] for row in r["rows"]))
+    names = list(dict.fromkeys(row["baseline"] for row in r["rows"]))
+    by = {(row["cache"], row["baseline"]): row for row in r["rows"]}
+    lines = [f"""`activemoe compare --model activemoe/assets/tiny-moe --predictors none,pregate,learned,adaptive --policies
+lru,slru --caches 25%,50% --prompt-tokens 256 --lookahead 3 --out bench/results/compare_bundled_cpu` (link
+{r['link']}, {r['new_tokens']} new tokens, median of {r['runs']} runs; decode tok/s, decode hit rate in brackets):
+""", "| cache | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for cache in caches:
+        lines.append(f"| {cache} | " + " | ".join(
+            f"{by[cache, n]['decode_tok_s']:.1f} ({by[cache, n]['hit_rate']:.2f})" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def resident() -> str:
     r = _load("resident_overhead_cpu.json")
     m = r["median_tok_s"]
@@ -152,13 +155,13 @@ def section() -> str:
     machine = "a 2-core AMD EPYC VM without a GPU, one torch thread"
     intro = (f"All figures below are **measured** (wall clock) on {machine}; emulated-link runs name the link "
              "speed. This section is generated from `bench/results/*.json` by `scripts/readme_results.py`.\n")
-    parts = [BEGIN, intro, load_memory(), prefetch(), predictors(), end_to_end(), compressed(),
+    parts = [BEGIN, intro, load_memory(), prefetch(), predictors(), compressed(),
              optional(bench_table, "bench_bundled_cpu/bench.json",
                       "activemoe bench --model activemoe/assets/tiny-moe --out bench/results/bench_bundled_cpu"),
              optional(bench_table, "bench_batches_cpu/bench.json",
                       "activemoe bench --model activemoe/assets/tiny-moe --baselines transformers,reactive,learned+slru@3 "
                       "--prompt-lengths 16 --batch-size 1,4,8 --out bench/results/bench_batches_cpu"),
-             optional(resident)]
+             optional(compare), optional(resident)]
     return "\n".join(p for p in parts if p) + END
 
 
