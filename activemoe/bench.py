@@ -13,6 +13,7 @@ import torch
 
 from activemoe.baselines import RunResult, Runner, make_runner
 from activemoe.config import CacheConfig, EngineConfig
+from activemoe.engine import model_shape
 from activemoe.errors import UserError
 from activemoe.learned import SIDECAR
 from activemoe.trace import HELDOUT_LIST, split_texts
@@ -99,8 +100,35 @@ def reduce_runs(baseline: str, prompt_tokens: int, results: list[RunResult], ref
         last.hit_rate, last.recall.get("1"), last.decode_bytes_per_token, last.stall_s, last.overlap, last.reuse, floor)
 
 
-def run_bench(config: BenchConfig, progress: Progress = lambda _: None) -> list[BenchRow]:
-    """All rows; the reference tokens come from the first baseline run (exact baselines agree with it)."""
+def available_bytes(device: str) -> int:
+    """Free memory where a whole model would have to sit: CUDA's free memory, or the host's MemAvailable."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 1 << 62  # unknown: try
+
+
+def does_not_fit(spec: str, config: BenchConfig) -> str | None:
+    """Why a whole-model baseline cannot run here (transformers holds every expert on the device;
+    accelerate loads the whole model into host RAM before dispatching), or None."""
+    if spec not in ("transformers", "accelerate"):
+        return None
+    shape = model_shape(config.model_dir, config.engine.dtype)
+    need = shape.resident_bytes + shape.total_experts * shape.expert_bytes
+    where = config.engine.device if spec == "transformers" else "cpu"
+    free = available_bytes(where)
+    if need > 0.9 * free:
+        return f"{spec}: skipped, the whole model needs {need / 2**30:.1f} GiB and {where} has {free / 2**30:.1f} GiB free"
+    return None
+
+
+def run_bench(config: BenchConfig, progress: Progress = lambda _: None,
+              skipped: list[str] | None = None) -> list[BenchRow]:
+    """All rows; the reference tokens come from the first baseline run (exact baselines agree with it).
+    Whole-model baselines that cannot fit are left out, with the reason appended to `skipped`."""
     if config.runs < 1 or config.new_tokens < 2:
         raise UserError("--runs must be at least 1 and --new-tokens at least 2")
     shapes = [(length, batch) for length in config.prompt_lengths for batch in config.batch_sizes]
@@ -108,6 +136,12 @@ def run_bench(config: BenchConfig, progress: Progress = lambda _: None) -> list[
     references: dict[tuple[int, int], list[list[int]]] = {}
     rows = []
     for spec in config.baselines:
+        reason = does_not_fit(spec, config)
+        if reason:
+            progress(reason)
+            if skipped is not None:
+                skipped.append(reason)
+            continue
         progress(f"{spec}: loading")
         runner: Runner = make_runner(spec, config.model_dir, config.engine)
         try:

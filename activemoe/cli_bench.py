@@ -215,11 +215,15 @@ def cmd_bench(args) -> int:
     config = _config(args, baselines, _ints(args.prompt_lengths, "--prompt-lengths"),
                      _ints(args.batch_size, "--batch-size"), args.cache)
     out = _out_dir(args)
-    rows = _measure(lambda progress: run_bench(config, progress))
+    skipped: list[str] = []
+    rows = _measure(lambda progress: run_bench(config, progress, skipped))
     cond = conditions(config)
     print_table(rows, f"activemoe bench — measured wall clock, {cond['machine']}, {cond['device']}, link {cond['link']}, "
                       f"cache {args.cache}, routing {cond['routing']}")
-    result = {"bench": "activemoe bench", **cond, "cache": args.cache, "rows": [asdict(r) for r in rows]}
+    for reason in skipped:
+        print(reason)
+    result = {"bench": "activemoe bench", **cond, "cache": args.cache, "skipped": skipped,
+              "rows": [asdict(r) for r in rows]}
     line = json.dumps(result)
     print(line)
     if out:

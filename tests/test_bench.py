@@ -66,6 +66,17 @@ def test_accelerate_offloads_the_experts(checkpoint):
         runner.close()
 
 
+def test_whole_model_baselines_that_do_not_fit_are_skipped(checkpoint, monkeypatch):
+    from activemoe import bench
+
+    config = BenchConfig.tiny(checkpoint("qwen3_moe"), ("transformers", "accelerate", "reactive"))
+    monkeypatch.setattr(bench, "available_bytes", lambda device: 1000)  # a machine with 1 kB free
+    skipped = []
+    rows = run_bench(config, skipped=skipped)
+    assert [r.baseline for r in rows] == ["reactive"]
+    assert len(skipped) == 2 and all("skipped, the whole model needs" in s for s in skipped)
+
+
 def test_compare_grid_rows(checkpoint):
     model = checkpoint("qwen3_moe")
     config = replace(BenchConfig.tiny(model, ()), new_tokens=3)
