@@ -97,6 +97,10 @@ def cmd_profile(args) -> int:
         expert_ms = (result.expert_device_ms or result.expert_host_ms)["1"]
         prompt = list(range(3, 3 + min(16, eng.vocab_size - 3)))
         result = replace(result, decode_layer_ms=hardware.decode_layer_ms(eng, expert_ms, prompt))
+    cuda = args.device.startswith("cuda")  # CPU: an emulated link where one expert takes ~1 ms
+    link = result.h2d_pinned_gbps if cuda else result.expert_bytes / 1e-3 / 1e9
+    result = replace(result, load_overhead_ms=hardware.load_overhead_ms(args.model, args.device, args.dtype, link,
+                                                                        emulate=not cuda))
     if args.out:
         result.save(args.out)
     print(f"profile (measured, wall clock) of {result.device} on {result.host}, {result.dtype} experts of "
@@ -110,7 +114,8 @@ def cmd_profile(args) -> int:
             ("one expert on the device (1/8/64 tokens)", "n/a" if result.expert_device_ms is None else
              " / ".join(f"{v:.3f}" for v in result.expert_device_ms.values()) + " ms"),
             ("recommended --experts-on", f"{result.recommend_experts_on}: {result.reason}"),
-            ("non-expert time per MoE layer (decode)", f"{result.decode_layer_ms:.3f} ms")]
+            ("non-expert time per MoE layer (decode)", f"{result.decode_layer_ms:.3f} ms"),
+            ("per-load overhead beyond the link's byte time", f"{result.load_overhead_ms:.3f} ms")]
     for name, value in rows:
         print(f"  {name:<42} {value}")
     from dataclasses import asdict

@@ -104,7 +104,8 @@ def from_profile(path: str | Path, link_gbps: float | None = None) -> CostModel:
         link_gbps = p.get("h2d_pinned_gbps") or p["host_copy_gbps"]
     base, per_token = _fit(device_ms)
     host_base, host_per_token = _fit(host_ms)
-    return CostModel(name=f"profile:{path.name}", link_gbps=link_gbps, link_latency_s=0.0,
+    overhead_ms = p.get("load_overhead_ms") or 0.0  # per-load thread hand-overs, measured
+    return CostModel(name=f"profile:{path.name}", link_gbps=link_gbps, link_latency_s=overhead_ms / 1e3,
                      layer_base_s=layer_ms / 1e3, layer_per_token_s=0.0, expert_base_s=base,
                      expert_per_token_s=per_token, host_expert_base_s=host_base,
                      host_expert_per_token_s=host_per_token, expert_bytes=expert_bytes,

@@ -38,6 +38,7 @@ class Profile:
     recommend_experts_on: str
     reason: str
     decode_layer_ms: float | None = None  # non-expert time of one MoE layer in a decode step (every expert resident)
+    load_overhead_ms: float | None = None  # one critical load's round trip beyond its byte time (thread hand-overs)
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -86,6 +87,30 @@ def decode_layer_ms(engine, expert_ms_1: float, prompt_ids: list[int], new_token
     step_ms = sorted(steps)[len(steps) // 2] * 1e3
     layers = len(engine.runtime.store.layers)
     return max(0.0, step_ms / layers - engine.top_k * expert_ms_1)
+
+
+def load_overhead_ms(model_dir, device: str, dtype: str, link_gbps: float, emulate: bool, repeats: int = 24) -> float:
+    """What one critical load costs beyond its bytes over the link: the loader's thread hand-overs (and,
+    over an emulated link, its sleep overshoot). Median round trip of a miss (queue it, wait for it,
+    release it) through the engine's own loader, minus bytes / link."""
+    from activemoe.config import CacheConfig, EngineConfig, LinkConfig
+    from activemoe.engine import load
+
+    config = EngineConfig(device=device, dtype=dtype, cache=CacheConfig(slot_fraction=0.0),
+                          link=LinkConfig(link_gbps if emulate else None))
+    with load(model_dir, config) as eng:  # top-k slots: cycling through every expert misses each time
+        loader, eids = eng.runtime.loader, eng.runtime.store.experts()
+        times = []
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            ready, waiting = loader.begin_layer(i, [eids[i % len(eids)]], [])
+            for _, slot in ready:
+                loader.release(slot)
+            if waiting:
+                loader.release(loader.wait_any(set(waiting))[1])
+            times.append(time.perf_counter() - start)
+        byte_s = loader.slab.expert_bytes / (link_gbps * 1e9)
+    return max(0.0, sorted(times[2:])[repeats // 2] - byte_s) * 1e3
 
 
 def disk_read_gbps(store: ExpertStore, max_experts: int = 32) -> float:

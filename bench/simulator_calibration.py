@@ -42,6 +42,8 @@ def measure_profile(model: Path, path: Path) -> None:
     with activemoe.load(model, EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng:
         prompt = list(range(3, 19))
         result = replace(result, decode_layer_ms=hardware.decode_layer_ms(eng, result.expert_host_ms["1"], prompt))
+    link = result.expert_bytes / 1e-3 / 1e9  # an emulated link where one expert takes ~1 ms
+    result = replace(result, load_overhead_ms=hardware.load_overhead_ms(model, "cpu", "float32", link, emulate=True))
     result.save(path)
 
 

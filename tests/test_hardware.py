@@ -14,6 +14,7 @@ def test_profile_saves_a_complete_profile(capsys, checkpoint, tmp_path):
     assert saved["host_copy_gbps"] > 0 and saved["disk_read_gbps"] > 0
     assert set(saved["expert_host_ms"]) == {"1", "8", "64"} and all(v > 0 for v in saved["expert_host_ms"].values())
     assert saved["decode_layer_ms"] > 0  # the simulator's per-layer time (costmodel.from_profile)
+    assert saved["load_overhead_ms"] >= 0  # its per-transfer latency
     assert not list(tmp_path.glob(".*.tmp"))
 
 

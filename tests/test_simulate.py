@@ -258,3 +258,14 @@ def test_plan_prints_the_simulated_tokens_per_second(capsys, checkpoint):
     assert rc == 0 and "estimate" not in json.loads(out.strip().splitlines()[-1])
     assert_user_error(capsys, ["plan", "--model", model_dir, "--gpu-memory", "2.4MiB", "--device", "cpu",
                                "--hardware", "tpu"], "unknown hardware preset 'tpu'", "rtx3090")
+
+
+def test_profile_load_overhead_becomes_the_per_transfer_latency(tmp_path):
+    from activemoe.costmodel import from_profile
+
+    profile = {"device": "cpu", "host": "test", "dtype": "float32", "expert_bytes": 6144, "host_copy_gbps": 10.0,
+               "expert_host_ms": {"1": 0.05, "8": 0.06, "64": 0.2}, "decode_layer_ms": 0.3}
+    (tmp_path / "old.json").write_text(json.dumps(profile))  # written before the field existed
+    (tmp_path / "new.json").write_text(json.dumps({**profile, "load_overhead_ms": 0.25}))
+    assert from_profile(tmp_path / "old.json", link_gbps=1.0).link_latency_s == 0.0
+    assert abs(from_profile(tmp_path / "new.json", link_gbps=1.0).link_latency_s - 0.25e-3) < 1e-12
