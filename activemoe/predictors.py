@@ -46,6 +46,49 @@ def ranked(layer: int, distance: int, scores: torch.Tensor) -> Prediction:
     return Prediction(distance, layer, tuple(experts.tolist()), tuple(probs.tolist()))
 
 
+class Announcer:
+    """Predictions to loader requests, and their live recall: per target, the first `budget` experts
+    (the prediction's own budget, else the configured one, else the model's top-k), each (expert, due
+    event) handed over once (the loader keeps what it was told). Recall@k is scored over decode steps:
+    the share of a layer's routed experts named k layers earlier. The runtime and the simulator share it."""
+
+    def __init__(self, budget: int | None):
+        self.budget = budget
+        self.sent: dict[int, set[ExpertId]] = {}  # due event -> experts already handed over for it
+        self.predicted: dict[int, dict[int, set[int]]] = {}  # due event -> distance -> experts named for it
+        self.recall: dict[int, tuple[int, int]] = {}  # distance -> (named and routed, routed)
+
+    def begin(self) -> None:
+        self.sent.clear()
+        self.predicted.clear()
+
+    def __call__(self, event: int, routed: list[int], top_k: int, decode: bool,
+                 predictions: list[Prediction]) -> list[tuple[ExpertId, int, float]]:
+        """Score what was named for `event`, then the requests (expert, due event, probability) to make."""
+        named_at = self.predicted.pop(event, {})
+        if decode:  # prefill layers route many tokens at once and are not scored
+            for distance, named in named_at.items():
+                hit, total = self.recall.get(distance, (0, 0))
+                self.recall[distance] = (hit + len(named.intersection(routed)), total + len(routed))
+        budget = self.budget or top_k
+        for due in [d for d in self.sent if d <= event]:
+            del self.sent[due]
+        out = []
+        for p in predictions:
+            experts = p.experts[:budget if p.budget is None else p.budget]
+            due = event + p.distance
+            self.predicted.setdefault(due, {})[p.distance] = set(experts)
+            sent = self.sent.setdefault(due, set())
+            out += [(eid, due, prob) for e, prob in zip(experts, p.probs)
+                    if (eid := ExpertId(p.layer, e)) not in sent and not sent.add(eid)]
+        return out
+
+    def recall_and_reset(self) -> dict[str, float]:
+        out = {str(k): hit / total for k, (hit, total) in sorted(self.recall.items()) if total}
+        self.recall = {}
+        return out
+
+
 class NoPredictor:
     """Prefetch nothing: the reactive baseline."""
 

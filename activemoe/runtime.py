@@ -17,7 +17,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 
 from activemoe.ids import ExpertId
 from activemoe.loader import Loader
-from activemoe.predictors import NoPredictor, Prediction, Predictor
+from activemoe.predictors import Announcer, NoPredictor, Prediction, Predictor
 from activemoe.store import ExpertStore
 
 IMPLEMENTATION = "activemoe"
@@ -117,21 +117,18 @@ class ExpertRuntime:
         self.late_miss = late_miss  # a compressed.Int4Substitute, or None
         self.stream_prefill = stream_prefill  # while the prompt runs, load all of the next MoE layer's experts
         self.predictor = predictor or NoPredictor()
-        self.budget, self.experts_on, self.miss_cost = budget, experts_on, miss_cost
+        self.experts_on, self.miss_cost = experts_on, miss_cost
         self.stats = RuntimeStats()
         self.recorder = None  # a trace.Recorder, called with every layer's routing (and hidden state)
         self.event = 0
         self.decoding = False  # set by the engine once the prompt's forward is done
-        self.recall: dict[int, tuple[int, int]] = {}  # distance -> (named and routed, routed)
-        self._predicted: dict[int, dict[int, set[int]]] = {}  # event -> distance -> experts named for it
-        self._sent: dict[int, set[ExpertId]] = {}  # event -> experts already handed to the loader for it
+        self.announce = Announcer(budget)  # predictions -> loader requests, and live recall
 
     def begin(self) -> None:
         """A new generation: events restart at 0."""
         self.event = 0
         self.decoding = False
-        self._predicted.clear()
-        self._sent.clear()
+        self.announce.begin()
         self.predictor.begin()
 
     def forward(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -165,18 +162,7 @@ class ExpertRuntime:
         predictions = self.predictor.predict(event, layer, hidden, top_k_index)
         if self.stream_prefill and not self.decoding and top_k_index.shape[0] > 1:
             predictions = self._streamed(layer, predictions)
-        self._score(event, routed, decode=top_k_index.shape[0] == 1)
-        budget = self.budget or top_k_index.shape[-1]
-        predicted = []
-        for due in [d for d in self._sent if d <= event]:
-            del self._sent[due]
-        for p in predictions:
-            experts = p.experts[:budget if p.budget is None else p.budget]
-            due = event + p.distance
-            self._predicted.setdefault(due, {})[p.distance] = set(experts)
-            sent = self._sent.setdefault(due, set())  # the loader keeps what it was told: tell it once
-            predicted += [(eid, due, prob) for e, prob in zip(experts, p.probs)
-                          if (eid := ExpertId(p.layer, e)) not in sent and not sent.add(eid)]
+        predicted = self.announce(event, routed, top_k_index.shape[-1], top_k_index.shape[0] == 1, predictions)
         ready, waiting = self.loader.begin_layer(event, [ExpertId(layer, e) for e in routed], predicted)
         hits = sum(counts[eid.expert] for eid, _ in ready)
         self.stats.hits += hits
@@ -223,12 +209,13 @@ class ExpertRuntime:
         nxt, num = layers[position + 1], self.store.num_experts
         first = next((p for p in predictions if p.distance == 1), None)
         order = list(first.experts) if first else []
-        order += [e for e in range(num) if e not in set(order)]
+        named = set(order)
+        order += [e for e in range(num) if e not in named]
         probs = tuple(1.0 - i / num for i in range(num))  # below every critical load, ranked
         streamed = Prediction(1, nxt, tuple(order), probs, budget=num)
         return [p for p in predictions if p.distance != 1] + [streamed]
 
-    def _serve_late(self, run, pending: set[ExpertId], counts: list[int]) -> None:
+    def _serve_late(self, run, pending: set[ExpertId], counts: Counter) -> None:
         """--late-miss int4: compute each miss whose full copy would land after its int4 copy from the
         int4 copy. Its full load is abandoned: dropped if queued, cached if already in flight (requeueing
         it as a prefetch was measured slower: its bytes compete with the next misses on the link)."""
@@ -241,20 +228,8 @@ class ExpertRuntime:
                 self.stats.late_miss_activations += counts[eid.expert]
                 self.stats.late_miss_bytes += self.late_miss.store.expert_bytes
 
-    def _score(self, event: int, routed: list[int], decode: bool) -> None:
-        """recall@k over decode steps: the share of this layer's routed experts named k layers earlier
-        (at the budget). Prefill layers route many tokens at once and are not scored."""
-        named_at = self._predicted.pop(event, {})
-        if not decode:
-            return
-        for distance, named in named_at.items():
-            hit, total = self.recall.get(distance, (0, 0))
-            self.recall[distance] = (hit + len(named.intersection(routed)), total + len(routed))
-
     def recall_and_reset(self) -> dict[str, float]:
-        out = {str(k): hit / total for k, (hit, total) in sorted(self.recall.items()) if total}
-        self.recall = {}
-        return out
+        return self.announce.recall_and_reset()
 
     def _run_slot(self, run, eid: ExpertId, slot: int) -> None:
         try:

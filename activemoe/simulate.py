@@ -22,7 +22,7 @@ from activemoe.errors import UserError
 from activemoe.ids import ExpertId
 from activemoe.loader_core import LoaderCore
 from activemoe.policies import Belady, make_policy
-from activemoe.predictors import HistoryPredictor, NoPredictor, OraclePredictor, Prediction
+from activemoe.predictors import Announcer, HistoryPredictor, NoPredictor, OraclePredictor, Prediction
 from activemoe.scheduler import PrefetchScheduler
 from activemoe.workload import Event, Workload
 
@@ -88,37 +88,6 @@ class DegradedOracle:
             self.rng.shuffle(wrong)
             named = tuple(e if self.rng.random() < self.recall or not wrong else wrong.pop() for e in p.experts)
             out.append(Prediction(p.distance, p.layer, named, p.probs, p.budget))
-        return out
-
-
-class _Announcer:
-    """What runtime.ExpertRuntime.forward hands the loader from the predictions (each (expert, due)
-    once, the configured budget per target) and its recall@k scoring, mirrored line for line."""
-
-    def __init__(self, budget: int | None):
-        self.budget = budget
-        self.sent: dict[int, set[ExpertId]] = {}
-        self.predicted: dict[int, dict[int, set[int]]] = {}
-        self.recall: dict[int, tuple[int, int]] = {}
-
-    def __call__(self, event: int, routed: tuple[int, ...], top_k: int, decode: bool,
-                 predictions: list[Prediction]) -> list[tuple[ExpertId, int, float]]:
-        named_at = self.predicted.pop(event, {})
-        if decode:
-            for distance, named in named_at.items():
-                hit, total = self.recall.get(distance, (0, 0))
-                self.recall[distance] = (hit + len(named.intersection(routed)), total + len(routed))
-        budget = self.budget or top_k
-        for due in [d for d in self.sent if d <= event]:
-            del self.sent[due]
-        out = []
-        for p in predictions:
-            experts = p.experts[:budget if p.budget is None else p.budget]
-            due = event + p.distance
-            self.predicted.setdefault(due, {})[p.distance] = set(experts)
-            sent = self.sent.setdefault(due, set())
-            out += [(eid, due, prob) for e, prob in zip(experts, p.probs)
-                    if (eid := ExpertId(p.layer, e)) not in sent and not sent.add(eid)]
         return out
 
 
@@ -200,7 +169,7 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
         cache.stats.get_and_reset()
     core = LoaderCore(cache, PrefetchScheduler(p.issue_window))
     engine = _CopyEngine(core, cost, chunk_bytes or _chunk_plan(cost.expert_bytes, p.chunk_bytes))
-    announce = _Announcer(p.budget)
+    announce = Announcer(p.budget)
     predictor.begin()
     t, stall, hits, activations, decode_start, decode_stall = 0.0, 0.0, 0, 0, None, 0.0
     n_prefill = len(workload.layers) if config.prefill_tokens else 0
