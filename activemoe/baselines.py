@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 import activemoe
 from activemoe.config import EngineConfig, PrefetchConfig, SamplingConfig
-from activemoe.engine import top_k_of, left_pad, peak_rss_bytes
+from activemoe.engine import TimingStreamer, left_pad, pad_token_of, peak_rss_bytes, top_k_of
 from activemoe.errors import UserError
 from activemoe.families import experts_classes, experts_modules
 from activemoe.policies import POLICIES
@@ -125,31 +125,14 @@ class ActiveMoERunner:
         self.engine.close()
 
 
-class _Timer:
-    """transformers streamer protocol: the first put() is the prompt, then one per step."""
-
-    def __init__(self):
-        self.start, self.times, self._prompt_seen = time.perf_counter(), [], False
-
-    def put(self, value) -> None:
-        if self._prompt_seen:
-            self.times.append(time.perf_counter())
-        self._prompt_seen = True
-
-    def end(self) -> None:
-        pass
-
-
 def _timed_generate(model, prompts: list[list[int]], new_tokens: int, device: torch.device,
                     replay: ReplayRouting | None) -> RunResult:
-    config = model.generation_config
-    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-    pad = (pad[0] if isinstance(pad, list) else pad) or 0
+    pad = pad_token_of(model.generation_config)
     ids, mask = left_pad(prompts, pad, device)
     if replay is not None:
         replay.reset()
     reset_peaks(device)
-    timer = _Timer()
+    timer = TimingStreamer()
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, streamer=timer,
                              pad_token_id=pad)

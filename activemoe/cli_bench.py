@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from activemoe.atomic import write_atomic
+from activemoe.atomic import write_atomic, write_text_atomic
 from activemoe.bench import BenchConfig, BenchRow, cache_config, compare_grid, default_baselines, run_bench
 from activemoe.config import DTYPES, CacheConfig, EngineConfig, LinkConfig, PrefetchConfig
 from activemoe.errors import UserError
@@ -153,10 +153,6 @@ def print_table(rows: list[BenchRow], title: str, tags: list[str] | None = None)
     Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
-def _write(out: Path, name: str, write) -> None:
-    write_atomic(out / name, write)
-
-
 def _plot_bench(rows: list[BenchRow], path: str) -> None:
     import matplotlib
 
@@ -227,8 +223,8 @@ def cmd_bench(args) -> int:
     line = json.dumps(result)
     print(line)
     if out:
-        _write(out, "bench.json", lambda tmp: Path(tmp).write_text(line + "\n"))
-        _write(out, "bench.png", lambda tmp: _plot_bench(rows, tmp))
+        write_text_atomic(out / "bench.json", line + "\n")
+        write_atomic(out / "bench.png", lambda tmp: _plot_bench(rows, tmp))
     return 0
 
 
@@ -245,8 +241,8 @@ def cmd_compare(args) -> int:
                        "rows": [{"cache": c, **asdict(r)} for c, r in tagged]})
     print(line)
     if out:
-        _write(out, "compare.json", lambda tmp: Path(tmp).write_text(line + "\n"))
-        _write(out, "compare.png", lambda tmp: _plot_compare(tagged, tmp))
+        write_text_atomic(out / "compare.json", line + "\n")
+        write_atomic(out / "compare.png", lambda tmp: _plot_compare(tagged, tmp))
     return 0
 
 

@@ -98,11 +98,12 @@ class Generation:
     sequences: list[list[int]] = field(default_factory=list)  # new tokens of every sequence of the batch
 
 
-class _TimingStreamer:
-    """transformers streamer protocol: first put() is the prompt, then one call per new token."""
+class TimingStreamer:
+    """transformers streamer protocol: first put() is the prompt, then one call per new token (step);
+    records each step's time and `bytes_moved()`, calls `on_first` once the prompt is done."""
 
-    def __init__(self, on_token: Callable[[int], None] | None, bytes_moved: Callable[[], int],
-                 on_first: Callable[[], None]):
+    def __init__(self, on_token: Callable[[int], None] | None = None, bytes_moved: Callable[[], int] = lambda: 0,
+                 on_first: Callable[[], None] = lambda: None):
         self.on_token, self.times, self.bytes, self._prompt_seen = on_token, [], [], False
         self.bytes_moved, self.on_first = bytes_moved, on_first
         self.start = time.perf_counter()
@@ -253,8 +254,7 @@ class Engine:
         gen_config = self.model.generation_config
         if gen_config.pad_token_id is None:
             kwargs["pad_token_id"] = gen_config.eos_token_id if gen_config.eos_token_id is not None else 0
-        pad = kwargs.get("pad_token_id", gen_config.pad_token_id)
-        ids, mask = left_pad(prompt_ids, pad[0] if isinstance(pad, list) else pad, self.device)
+        ids, mask = left_pad(prompt_ids, pad_token_of(gen_config), self.device)
         width = ids.shape[1]
         loader = self.runtime.loader
         self.runtime.begin()
@@ -263,7 +263,7 @@ class Engine:
         for stats in (self.runtime.stats, loader.stats, loader.cache.stats, loader.scheduler.stats):
             stats.get_and_reset()
         self.runtime.recall_and_reset()
-        streamer = _TimingStreamer(on_token, lambda: loader.stats.bytes_moved + self.runtime.stats.late_miss_bytes,
+        streamer = TimingStreamer(on_token, lambda: loader.stats.bytes_moved + self.runtime.stats.late_miss_bytes,
                                    on_first=lambda: setattr(self.runtime, "decoding", True))
         out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, streamer=streamer, **kwargs)
         rt, ld = self.runtime.stats.get_and_reset(), loader.stats.get_and_reset()
@@ -284,6 +284,13 @@ class Engine:
             late_miss_int4=rt.late_miss_int4)
         sequences = out[:, width:].tolist()
         return Generation(token_ids=sequences[0], stats=stats, sequences=sequences)
+
+
+def pad_token_of(gen_config) -> int:
+    """The token that pads a batch: the generation config's pad token, else its (first) EOS, else 0."""
+    pad = gen_config.pad_token_id if gen_config.pad_token_id is not None else gen_config.eos_token_id
+    pad = pad[0] if isinstance(pad, list) else pad
+    return 0 if pad is None else pad
 
 
 def left_pad(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from activemoe import cli_bench
+from activemoe.atomic import write_atomic
 from activemoe.baselines import AccelerateRunner, engine_config
 from activemoe.bench import BenchConfig, cache_config, compare_grid, run_bench
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig
@@ -104,7 +104,7 @@ def test_interrupted_write_leaves_nothing(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        cli_bench._write(tmp_path, "bench.json", fail)
+        write_atomic(tmp_path / "bench.json", fail)
     assert list(tmp_path.iterdir()) == []
 
 
