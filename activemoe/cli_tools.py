@@ -80,27 +80,13 @@ def _add_profile(sub) -> None:
 
 
 def cmd_profile(args) -> int:
-    from dataclasses import replace
     from pathlib import Path
 
-    from activemoe import engine, hardware
+    from activemoe import hardware
 
     if args.out and not Path(args.out).parent.is_dir():
         raise UserError(f"cannot write {args.out}: its directory does not exist")
-    config = EngineConfig(device=args.device, dtype=args.dtype, store="disk",
-                          cache=CacheConfig(slot_fraction=0.0))
-    with engine.load(args.model, config) as eng:
-        module = next(iter(offloaded_modules(eng.model).values()))
-        result = hardware.profile(module, eng.runtime.store, eng.device)
-    resident = EngineConfig(device=args.device, dtype=args.dtype, cache=CacheConfig(slot_fraction=1.0))
-    with engine.load(args.model, resident) as eng:  # the simulator's per-layer time (costmodel.from_profile)
-        expert_ms = (result.expert_device_ms or result.expert_host_ms)["1"]
-        prompt = list(range(3, 3 + min(16, eng.vocab_size - 3)))
-        result = replace(result, decode_layer_ms=hardware.decode_layer_ms(eng, expert_ms, prompt))
-    cuda = args.device.startswith("cuda")  # CPU: an emulated link where one expert takes ~1 ms
-    link = result.h2d_pinned_gbps if cuda else result.expert_bytes / 1e-3 / 1e9
-    result = replace(result, load_overhead_ms=hardware.load_overhead_ms(args.model, args.device, args.dtype, link,
-                                                                        emulate=not cuda))
+    result = hardware.measure(args.model, args.device, args.dtype)
     if args.out:
         result.save(args.out)
     print(f"profile (measured, wall clock) of {result.device} on {result.host}, {result.dtype} experts of "

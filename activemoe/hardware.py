@@ -174,3 +174,26 @@ def profile(module: torch.nn.Module, store: ExpertStore, device: torch.device) -
                    disk_read_gbps=disk_read_gbps(store), expert_host_ms=host_ms, expert_device_ms=device_ms,
                    recommend_experts_on=choice, reason=reason)
 
+
+def measure(model_dir, device: str = "cpu", dtype: str = "float32") -> Profile:
+    """Everything `activemoe profile` measures for a model: `profile()` on its expert shape, the decode
+    time per MoE layer with every expert resident, and the loader's per-load overhead (over an emulated
+    link where one expert takes ~1 ms on CPU; over the real one on CUDA)."""
+    from dataclasses import replace
+
+    from activemoe.config import CacheConfig, EngineConfig
+    from activemoe.engine import load
+    from activemoe.families import offloaded_modules
+
+    probe = EngineConfig(device=device, dtype=dtype, store="disk", cache=CacheConfig(slot_fraction=0.0))
+    with load(model_dir, probe) as eng:
+        result = profile(next(iter(offloaded_modules(eng.model).values())), eng.runtime.store, eng.device)
+    resident = EngineConfig(device=device, dtype=dtype, cache=CacheConfig(slot_fraction=1.0))
+    with load(model_dir, resident) as eng:  # the simulator's per-layer time (costmodel.from_profile)
+        expert_ms_1 = (result.expert_device_ms or result.expert_host_ms)["1"]
+        prompt = list(range(3, 3 + min(16, eng.vocab_size - 3)))
+        result = replace(result, decode_layer_ms=decode_layer_ms(eng, expert_ms_1, prompt))
+    cuda = device.startswith("cuda")
+    link = result.h2d_pinned_gbps if cuda else result.expert_bytes / 1e-3 / 1e9
+    return replace(result, load_overhead_ms=load_overhead_ms(model_dir, device, dtype, link, emulate=not cuda))
+

@@ -15,14 +15,12 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import activemoe
 from activemoe import hardware
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig, SamplingConfig
 from activemoe.costmodel import from_profile
-from activemoe.families import offloaded_modules
 from activemoe.simulate import SimConfig, simulate
 from activemoe.trace import Recorder, split_texts
 from activemoe.workload import from_trace
@@ -33,18 +31,6 @@ MODEL = Path(activemoe.__file__).parent / "assets" / "tiny-moe"
 CONFIGS = {"100% (all resident)": (1.0, "lru", "none", 1), "25% lru reactive": (0.25, "lru", "none", 1), "25% slru reactive": (0.25, "slru", "none", 1),
            "50% lru reactive": (0.50, "lru", "none", 1), "25% lru oracle L1": (0.25, "lru", "oracle", 1),
            "25% belady oracle L2": (0.25, "belady", "oracle", 2)}
-
-
-def measure_profile(model: Path, path: Path) -> None:
-    """What `activemoe profile --model M --out PATH` does."""
-    with activemoe.load(model, EngineConfig(store="disk", cache=CacheConfig(slot_fraction=0.0))) as eng:
-        result = hardware.profile(next(iter(offloaded_modules(eng.model).values())), eng.runtime.store, eng.device)
-    with activemoe.load(model, EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng:
-        prompt = list(range(3, 19))
-        result = replace(result, decode_layer_ms=hardware.decode_layer_ms(eng, result.expert_host_ms["1"], prompt))
-    link = result.expert_bytes / 1e-3 / 1e9  # an emulated link where one expert takes ~1 ms
-    result = replace(result, load_overhead_ms=hardware.load_overhead_ms(model, "cpu", "float32", link, emulate=True))
-    result.save(path)
 
 
 def run_config(model: Path, share: float, policy: str, predictor: str, lookahead: int, link_gbps: float,
@@ -82,7 +68,7 @@ def main() -> int:
     model = Path(args.model)
     profile = Path(args.profile) if args.profile else Path(args.out).with_name("profile_simulator_cpu.json")
     if not args.profile:
-        measure_profile(model, profile)
+        hardware.measure(model).save(profile)  # what `activemoe profile --model M --out PATH` does
     cost = from_profile(profile, link_gbps=args.link_gbps)
     with activemoe.load(model, EngineConfig.tiny(num_slots=2)) as eng:
         prompt = eng.encode(split_texts(model, "heldout")[0])[:args.prompt_tokens]
