@@ -81,15 +81,13 @@ class Loader:
 
     def preload(self, eids: list[ExpertId]) -> None:
         """Load `eids` into slots now, in order, before any generation (when every expert has a slot)."""
-        for eid in eids:
-            with self.cond:
-                slot, _ = self.cache.allocate(eid)
+        def copy(eid: ExpertId, slot: int) -> None:
             source = self.store.read(eid)
             for index in range(len(self.slab.chunks)):
                 self.slab.copy_chunk(slot, source, index)
-            with self.cond:
-                self.cache.mark_ready(slot)
-                self.cache.unpin(slot)
+
+        with self.cond:  # nothing else runs yet: holding the lock through the copies costs nothing
+            self.core.fill(eids, copy)
 
     def reset(self) -> None:
         """Empty every slot (between benchmark runs); only when nothing is loading or pinned."""

@@ -133,6 +133,15 @@ class LoaderCore:
             return task
         return None
 
+    def fill(self, eids: list[ExpertId], copy) -> None:
+        """Give `eids` slots in order and mark them READY, `copy(eid, slot)` moving each one's bytes
+        first: the start of a run where every expert has a slot (nothing else is loading)."""
+        for eid in eids:
+            slot, _ = self.cache.allocate(eid)
+            copy(eid, slot)
+            self.cache.mark_ready(slot)
+            self.cache.unpin(slot)
+
     def take_dropped(self) -> list[ExpertId]:
         dropped, self.dropped = self.dropped, []
         return dropped

@@ -162,12 +162,11 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
         future = OraclePredictor(routing, 1)
         policy = Belady(future.next_use, lambda: clock[0])
     cache = ExpertCache(slots, policy)
-    if slots >= len(workload.layers) * workload.num_experts:  # as the engine: everything fits, loaded at start
-        for eid in (ExpertId(layer, e) for layer in workload.layers for e in range(workload.num_experts)):
-            cache.mark_ready(cache.allocate(eid)[0])
-            cache.unpin(cache.slot_of(eid))
-        cache.stats.get_and_reset()
     core = LoaderCore(cache, PrefetchScheduler(p.issue_window))
+    if slots >= len(workload.layers) * workload.num_experts:  # as the engine: everything fits, loaded at start
+        core.fill([ExpertId(layer, e) for layer in workload.layers for e in range(workload.num_experts)],
+                  copy=lambda eid, slot: None)
+        cache.stats.get_and_reset()
     engine = _CopyEngine(core, cost, chunk_bytes or _chunk_plan(cost.expert_bytes, p.chunk_bytes))
     announce = Announcer(p.budget)
     predictor.begin()
