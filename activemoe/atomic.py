@@ -26,3 +26,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """A safetensors file (contiguous copies of `tensors`, with `metadata`), written atomically."""
+    from safetensors.torch import save_file
+
+    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))

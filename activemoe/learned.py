@@ -16,7 +16,8 @@ from safetensors import SafetensorError, safe_open
 from activemoe.errors import UserError
 from activemoe.families import RouterParts
 from activemoe.predictors import Prediction, StackedHeads, pregate_weights
-from activemoe.trace import Trace, save_atomic
+from activemoe.atomic import save_safetensors_atomic
+from activemoe.trace import Trace
 
 SIDECAR = "activemoe-predictor.safetensors"
 MLP = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (W1 [M, H], b1 [M], W2 [E, M])
@@ -83,7 +84,7 @@ def save_heads(path: str | os.PathLike, heads: Heads, meta: dict[str, str]) -> N
         if mlp:
             for name, t in zip(("mlp_in.weight", "mlp_in.bias", "mlp_out.weight"), mlp[0]):
                 tensors[f"head.{src}.{k}.{name}"] = t
-    save_atomic(tensors, path, {**meta, "format": "activemoe-predictor", "version": "1"})
+    save_safetensors_atomic(tensors, path, {**meta, "format": "activemoe-predictor", "version": "1"})
 
 
 def load_heads(path: str | os.PathLike, expected_shape_id: str) -> Heads:

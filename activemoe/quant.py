@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from activemoe.atomic import save_safetensors_atomic
 from activemoe.errors import UserError
 from activemoe.families import ExpertsSpec
 from activemoe.store import ExpertStore
@@ -213,18 +214,10 @@ def _quantise(store: ExpertStore, layout: Layout, on_progress) -> dict[str, torc
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
     if not os.access(path.parent, os.W_OK):
         raise UserError(f"cannot write the quantisation cache into {path.parent} (read-only); "
                         "pass --quant-cache DIR to keep it elsewhere")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.chmod(tmp, 0o644)  # as readable as the checkpoint it sits next to
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_safetensors_atomic(tensors, path, meta)
     log.info("wrote quantisation cache %s (%.1f MiB)", path, sum(t.nbytes for t in tensors.values()) / 2**20)
 
 

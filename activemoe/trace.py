@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from activemoe.atomic import write_atomic
+from activemoe.atomic import save_safetensors_atomic
 from activemoe.errors import UserError
 
 FORMAT, VERSION = "activemoe-trace", "1"
@@ -57,7 +57,7 @@ class Trace:
         tensors = {"layer": self.layer, "token": self.token, "experts": self.experts, "weights": self.weights}
         if self.hidden is not None:
             tensors["hidden"] = self.hidden
-        save_atomic(tensors, path, self.meta)
+        save_safetensors_atomic(tensors, path, self.meta)
 
     def check_model(self, expected_shape_id: str) -> None:
         if self.meta.get("shape_id") != expected_shape_id:
@@ -70,11 +70,6 @@ class Trace:
         for row, (layer, token) in enumerate(zip(self.layer.tolist(), self.token.tolist())):
             out.setdefault(token, {})[layer] = row
         return out
-
-
-def save_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write a safetensors file next to its destination, then rename: never a half-written file."""
-    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
 
 
 def load_trace(path: str | os.PathLike) -> Trace:
