@@ -1,5 +1,7 @@
 """loader.py runs the expert loads: one worker thread that executes the scheduler's tasks chunk by
 chunk with the store (reads) and the slab (copies), and the compute-side calls that wait on them.
+The worker keeps up to QUEUE_DEPTH chunks on the link: it issues the next chunk before the current
+one lands, as work is fed to a copy engine, so its own hand-over costs no link time.
 
 One condition variable guards the cache and the scheduler; reads and copies run outside it. The
 decisions themselves live in loader_core.LoaderCore (shared with the simulator). The loader knows
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -18,15 +21,17 @@ from activemoe.cache import ExpertCache
 from activemoe.ids import ExpertId
 from activemoe.loader_core import LoaderCore
 from activemoe.scheduler import LoadTask, PrefetchScheduler
-from activemoe.slots import SlotSlab
+from activemoe.slots import SlotSlab, Ticket
 from activemoe.store import ExpertStore
 
 log = logging.getLogger(__name__)
 
+QUEUE_DEPTH = 2  # chunks issued to the link at once (one landing, the next queued behind it)
+
 
 @dataclass
 class LoaderStats:
-    busy_s: float = 0.0  # wall time the worker spent copying (link time included)
+    busy_s: float = 0.0  # wall time chunks were on the link (from issue, or the previous landing, to landing)
     stall_s: float = 0.0  # wall time the compute path waited for loads
     bytes_moved: int = 0  # bytes of chunks copied into slots
 
@@ -42,9 +47,10 @@ class Loader:
         self.store, self.slab, self.cache, self.scheduler = store, slab, cache, scheduler
         self.cond = threading.Condition()
         self.stats = LoaderStats()
-        self.core = LoaderCore(cache, scheduler)
+        self.core = LoaderCore(cache, scheduler, len(slab.chunks))
         self._sources: dict[ExpertId, dict[str, torch.Tensor]] = {}
         self._stop = False
+        self._wake = threading.Event()  # set with every notify from the compute side: new work for the worker
         self._thread = threading.Thread(target=self._run, name="activemoe-loader", daemon=True)
         self._thread.start()
 
@@ -55,7 +61,7 @@ class Loader:
         with self.cond:
             ready, waiting = self.core.begin_layer(event, routed, predicted)
             if self.scheduler.tasks:  # waking the worker costs a thread switch: only when there is work
-                self.cond.notify_all()
+                self._notify()
         return ready, waiting
 
     def wait_any(self, pending: set[ExpertId]) -> tuple[ExpertId, int]:
@@ -65,7 +71,7 @@ class Loader:
             while True:
                 got, requeued = self.core.take_ready(pending)
                 if requeued:
-                    self.cond.notify_all()
+                    self._notify()
                 if got is not None:
                     self.stats.stall_s += time.perf_counter() - start
                     return got
@@ -102,18 +108,18 @@ class Loader:
         with self.cond:
             self.core.release(slot)
             if self.scheduler.tasks:  # a queued load may have been waiting for an evictable slot
-                self.cond.notify_all()
+                self._notify()
 
     def abandon(self, eids) -> None:
         """The caller no longer waits for these (error, or computed on the host)."""
         with self.cond:
             self.core.abandon(eids)
-            self.cond.notify_all()
+            self._notify()
 
     def close(self) -> None:
         with self.cond:
             self._stop = True
-            self.cond.notify_all()
+            self._notify()
         self._thread.join(timeout=10)
         self.store.close()
 
@@ -121,42 +127,56 @@ class Loader:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def _notify(self) -> None:
+        """Under the lock: wake the worker, idle (on the condition) or waiting for a chunk (on `_wake`)."""
+        self.cond.notify_all()
+        self._wake.set()
+
     # -- worker ---------------------------------------------------------------------------------
     def _run(self) -> None:
+        flight: deque[tuple[LoadTask, Ticket]] = deque()  # chunks on the link, oldest first
+        link_free = 0.0  # when the link finished its last chunk
         while True:
             with self.cond:
-                task = self._next()
-                while task is None and not self._stop:
+                while True:
+                    if self._stop:
+                        return
+                    landed = False
+                    while flight and self.slab.landed(flight[0][1]):
+                        task, ticket = flight.popleft()
+                        now = time.perf_counter()
+                        self.stats.busy_s += now - max(link_free, ticket.issued)
+                        link_free = now
+                        if self.core.land(task):
+                            self._sources.pop(task.eid, None)
+                        landed = True
+                    if landed:
+                        self.cond.notify_all()
+                    issue = self._next() if len(flight) < QUEUE_DEPTH else None
+                    if issue is not None or flight:
+                        break
                     self.cond.wait()
-                    task = self._next()
-                if self._stop:
-                    return
-                fresh = task.chunks_done == 0
+                self._wake.clear()
+            if issue is None:  # nothing to add: until the oldest chunk lands, or new work comes
+                self.slab.wait(flight[0][1], self._wake)
+                continue
+            task, index = issue
             try:
-                if fresh:
+                if index == 0:
                     self._sources[task.eid] = self.store.read(task.eid)
-                start = time.perf_counter()
-                self.slab.copy_chunk(task.slot, self._sources[task.eid], task.chunks_done)
-                self.stats.busy_s += time.perf_counter() - start
-                self.stats.bytes_moved += self.slab.chunks[task.chunks_done].nbytes
+                ticket = self.slab.issue_chunk(task.slot, self._sources[task.eid], index)
+                self.stats.bytes_moved += self.slab.chunks[index].nbytes
             except BaseException as e:  # noqa: BLE001 - reported to the waiting compute path
+                flight = deque(f for f in flight if f[0] is not task)
                 self._fail(task, e)
                 continue
-            with self.cond:
-                task.chunks_done += 1
-                if task.chunks_done == len(self.slab.chunks):
-                    self._complete(task)
-                self.cond.notify_all()
+            flight.append((task, ticket))
 
-    def _next(self) -> LoadTask | None:
-        task = self.core.next_task()
+    def _next(self) -> tuple[LoadTask, int] | None:
+        picked = self.core.next_chunk()
         for eid in self.core.take_dropped():  # cancelled in flight: their sources are no longer needed
             self._sources.pop(eid, None)
-        return task
-
-    def _complete(self, task: LoadTask) -> None:
-        self._sources.pop(task.eid, None)
-        self.core.complete(task)
+        return picked
 
     def _fail(self, task: LoadTask, error: BaseException) -> None:
         with self.cond:

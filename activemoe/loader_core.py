@@ -13,8 +13,9 @@ from activemoe.scheduler import LoadTask, PrefetchScheduler
 
 
 class LoaderCore:
-    def __init__(self, cache: ExpertCache, scheduler: PrefetchScheduler):
+    def __init__(self, cache: ExpertCache, scheduler: PrefetchScheduler, num_chunks: int):
         self.cache, self.scheduler = cache, scheduler
+        self.num_chunks = num_chunks  # chunks per expert copy
         self.handed: set[ExpertId] = set()  # critical loads done, their pin held for the consumer
         self.failed: dict[ExpertId, BaseException] = {}
         self.dropped: list[ExpertId] = []  # cancelled in-flight loads since take_dropped()
@@ -112,26 +113,44 @@ class LoaderCore:
                     task.abandoned = task.cancelled = True
 
     # -- worker side ----------------------------------------------------------------------------
-    def next_task(self) -> LoadTask | None:
-        """The task to give the next chunk to; starts it (allocates its slot) if needed."""
+    def next_chunk(self) -> tuple[LoadTask, int] | None:
+        """The next chunk to hand to the link, as (task, chunk index); starts the task (allocates its
+        slot) if needed. The copy queue holds a few chunks (the next one is issued before the current
+        one lands), so a task may have chunks in flight: it gets no more once cancelled, and its slot
+        is freed only when none is in flight."""
         for task in self.scheduler.candidates():
-            if task.cancelled:  # stale speculative load between chunks (no chunk is in flight): free its slot
-                self.cache.abort(task.slot)
-                self.scheduler.finish(task)
-                self.dropped.append(task.eid)
+            if task.cancelled:
+                if task.chunks_issued == task.chunks_done:  # stale between chunks: free its slot
+                    self.cache.abort(task.slot)
+                    self.scheduler.finish(task)
+                    self.dropped.append(task.eid)
                 continue
-            if task.slot is not None:
-                return task
-            try:
-                slot, _ = self.cache.allocate(task.eid, speculative=not task.critical,
-                                              protected=self.scheduler.protected_set() - {task.eid}, due=task.due)
-            except NoEvictableSlot:
-                # Never force a load in: it waits (queued, cancellable) until a slot may be evicted;
-                # a speculative one is dropped once its layer has routed. Work in flight may progress.
+            if task.chunks_issued == self.num_chunks:  # all on the link, landing
                 continue
-            self.scheduler.start(task, slot)
-            return task
+            if task.slot is None:
+                try:
+                    slot, _ = self.cache.allocate(task.eid, speculative=not task.critical,
+                                                  protected=self.scheduler.protected_set() - {task.eid},
+                                                  due=task.due)
+                except NoEvictableSlot:
+                    # Never force a load in: it waits (queued, cancellable) until a slot may be evicted;
+                    # a speculative one is dropped once its layer has routed. Work in flight may progress.
+                    continue
+                self.scheduler.start(task, slot)
+            task.chunks_issued += 1
+            return task, task.chunks_issued - 1
         return None
+
+    def land(self, task: LoadTask) -> bool:
+        """A chunk of `task` has landed; True when that completed the expert. A chunk of a task that
+        failed meanwhile is ignored."""
+        if self.scheduler.tasks.get(task.eid) is not task:
+            return False
+        task.chunks_done += 1
+        if task.chunks_done < self.num_chunks:
+            return False
+        self.complete(task)
+        return True
 
     def fill(self, eids: list[ExpertId], copy) -> None:
         """Give `eids` slots in order and mark them READY, `copy(eid, slot)` moving each one's bytes

@@ -22,9 +22,10 @@ class LoadTask:
     prob: float  # predicted probability (1.0 for critical loads)
     seq: int  # arrival order, the last tie-breaker
     slot: int | None = None  # set when the task starts (in flight)
-    chunks_done: int = 0
+    chunks_issued: int = 0  # chunks handed to the link (copy queue)
+    chunks_done: int = 0  # chunks landed in the slot
     abandoned: bool = False  # its consumer went away (error or host compute): release on completion
-    cancelled: bool = False  # in flight but no longer wanted (stale speculative, abandoned critical): stop between chunks
+    cancelled: bool = False  # in flight but no longer wanted (stale speculative, abandoned critical): no more chunks
     version: int = 0  # bumped on re-prioritisation; stale heap entries are skipped
 
     def key(self) -> tuple:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -20,10 +21,11 @@ from activemoe.config import CacheConfig, PrefetchConfig
 from activemoe.costmodel import CostModel
 from activemoe.errors import UserError
 from activemoe.ids import ExpertId
+from activemoe.loader import QUEUE_DEPTH
 from activemoe.loader_core import LoaderCore
 from activemoe.policies import Belady, make_policy
 from activemoe.predictors import Announcer, HistoryPredictor, NoPredictor, OraclePredictor, Prediction
-from activemoe.scheduler import PrefetchScheduler
+from activemoe.scheduler import LoadTask, PrefetchScheduler
 from activemoe.workload import Event, Workload
 
 SIM_PREDICTORS = ("none", "oracle", "history")  # pregate/learned/adaptive need hidden states and routers
@@ -92,42 +94,52 @@ class DegradedOracle:
 
 
 class _CopyEngine:
-    """The loader's worker thread on the virtual clock: one chunk at a time, the next task chosen by
-    LoaderCore after every chunk; idle, it reacts to the compute path's notify `cost.wake_s` later."""
+    """The loader's worker thread on the virtual clock: up to QUEUE_DEPTH chunks on the link, the next
+    chunk chosen by LoaderCore when one lands (or when work comes and the queue has room); waiting, it
+    reacts to the compute path's notify `cost.wake_s` later."""
 
     def __init__(self, core: LoaderCore, cost: CostModel, chunk_bytes: list[int]):
         self.core, self.cost, self.chunks = core, cost, chunk_bytes
-        self.task, self.end = None, math.inf  # chunk in flight (None: a pick is due at `end`, or idle)
+        self.flight: deque[tuple[LoadTask, float]] = deque()  # (task, landing time), oldest first
+        self.wake_at = math.inf  # a notify reaches the worker then
         self.bytes_moved = 0
 
     @property
     def idle(self) -> bool:
-        return self.end == math.inf
+        return not self.flight and self.wake_at == math.inf
 
-    def _pick(self, now: float) -> None:
-        task = self.core.next_task()
-        self.task, self.end = task, math.inf
-        if task is not None:
-            nbytes = self.chunks[task.chunks_done]
-            latency = self.cost.link_latency_s if task.chunks_done == 0 else 0.0
-            self.end = now + latency + self.cost.transfer_s(nbytes)
+    @property
+    def end(self) -> float:
+        """The engine's next step: a landing or a wake-up."""
+        return min(self.flight[0][1] if self.flight else math.inf, self.wake_at)
+
+    def _issue(self, now: float) -> None:
+        while len(self.flight) < QUEUE_DEPTH:
+            picked = self.core.next_chunk()
+            if picked is None:
+                return
+            task, index = picked
+            nbytes = self.chunks[index]
+            latency = self.cost.link_latency_s if index == 0 else 0.0
+            start = max(now, self.flight[-1][1]) if self.flight else now
+            self.flight.append((task, start + latency + self.cost.transfer_s(nbytes)))
             self.bytes_moved += nbytes
 
     def advance(self, t: float) -> None:
-        """Run the worker up to `t`: complete the chunks that end by then, picking the next at each end."""
+        """Run the worker up to `t`: land the chunks due by then, issuing more at each step."""
         while self.end <= t:
-            task, end = self.task, self.end
-            if task is not None:
-                task.chunks_done += 1
-                if task.chunks_done == len(self.chunks):
-                    self.core.complete(task)
-            self._pick(end)
+            if self.wake_at <= (self.flight[0][1] if self.flight else math.inf):
+                now, self.wake_at = self.wake_at, math.inf
+            else:
+                task, now = self.flight.popleft()
+                self.core.land(task)
+            self._issue(now)
 
     def kick(self, now: float) -> None:
-        """The compute path notified the worker (new work, a released slot): an idle worker picks
-        after its wake-up, so the compute path's next step (e.g. touching a hit) comes first."""
-        if self.idle:
-            self.end = now + self.cost.wake_s
+        """The compute path notified the worker (new work, a released slot): unless its queue is full,
+        it picks after its wake-up, so the compute path's next step (e.g. touching a hit) comes first."""
+        if len(self.flight) < QUEUE_DEPTH and self.wake_at == math.inf:
+            self.wake_at = now + self.cost.wake_s
 
 
 def _chunk_plan(expert_bytes: int, chunk_bytes: int) -> list[int]:
@@ -162,12 +174,13 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
         future = OraclePredictor(routing, 1)
         policy = Belady(future.next_use, lambda: clock[0])
     cache = ExpertCache(slots, policy)
-    core = LoaderCore(cache, PrefetchScheduler(p.issue_window))
+    chunk_bytes = chunk_bytes or _chunk_plan(cost.expert_bytes, p.chunk_bytes)
+    core = LoaderCore(cache, PrefetchScheduler(p.issue_window), len(chunk_bytes))
     if slots >= len(workload.layers) * workload.num_experts:  # as the engine: everything fits, loaded at start
         core.fill([ExpertId(layer, e) for layer in workload.layers for e in range(workload.num_experts)],
                   copy=lambda eid, slot: None)
         cache.stats.get_and_reset()
-    engine = _CopyEngine(core, cost, chunk_bytes or _chunk_plan(cost.expert_bytes, p.chunk_bytes))
+    engine = _CopyEngine(core, cost, chunk_bytes)
     announce = Announcer(p.budget)
     predictor.begin()
     t, stall, hits, activations, decode_start, decode_stall = 0.0, 0.0, 0, 0, None, 0.0

@@ -6,6 +6,8 @@ the slot's `free` event (recorded on the compute stream when the slot was last r
 still reading it finishes first. The compute stream waits on the slot's `ready` event, never a host sync.
 CPU: copies run on the caller's (loader) thread, paced to an emulated link speed when one is given.
 Copies are chunked (rows of one tensor at a time) so a critical load can overtake between chunks.
+A chunk is issued (`issue_chunk`, returns a Ticket) and lands later (`landed`, `wait`), so the loader
+can queue the next chunk behind it as a copy engine's queue would, keeping the link busy.
 """
 from __future__ import annotations
 
@@ -37,15 +39,34 @@ class EmulatedLink:
     def transfer_s(self, nbytes: int) -> float:
         return nbytes / self.bytes_per_s if self.bytes_per_s else 0.0
 
-    def pace(self, started: float, nbytes: int) -> None:
+    def reserve(self, started: float, nbytes: int, extra_s: float = 0.0) -> float:
+        """Book `nbytes` (plus `extra_s` of serial work behind them) issued at `started`: returns when
+        they are delivered, after everything booked before (0.0 when unpaced)."""
         if self.bytes_per_s is None:
-            return
+            return 0.0
         with self._lock:
-            deadline = max(started, self._free_at) + nbytes / self.bytes_per_s
+            deadline = max(started, self._free_at) + nbytes / self.bytes_per_s + extra_s
             self._free_at = deadline
-        delay = deadline - time.perf_counter()
+        return deadline
+
+    def pace(self, started: float, nbytes: int) -> None:
+        """Block until `nbytes` issued at `started` are delivered."""
+        delay = self.reserve(started, nbytes) - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A chunk on its way, issued at `issued`: delivered at `deadline` (perf_counter; the emulated link)
+    and, on CUDA, once `event` has completed."""
+
+    issued: float
+    deadline: float
+    event: object = None  # torch.cuda.Event
+
+
+NEVER = threading.Event()  # a wake-up that never comes: wait() until the chunk has landed
 
 
 class SlotSlab:
@@ -79,25 +100,48 @@ class SlotSlab:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
-    def copy_chunk(self, slot: int, host: dict[str, torch.Tensor], index: int) -> None:
-        """Copy chunk `index` of one expert into `slot`; returns when the bytes have landed."""
+    def issue_chunk(self, slot: int, host: dict[str, torch.Tensor], index: int) -> Ticket:
+        """Start copying chunk `index` of one expert into `slot`. CUDA: queued on the copy stream. CPU:
+        the bytes are copied now and count as landed when the emulated link would deliver them."""
         chunk = self.chunks[index]
         src = host[chunk.name][chunk.start:chunk.stop]
         dst = self.buffers[chunk.name][slot, chunk.start:chunk.stop]
         started = time.perf_counter()
-        if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
-                if index == 0:
-                    self.copy_stream.wait_event(self.free[slot])  # kernels still reading the slot finish first
-                dst.copy_(src, non_blocking=True)
-                if index == len(self.chunks) - 1:
-                    self.ready[slot].record(self.copy_stream)
-                done = torch.cuda.Event()
-                done.record(self.copy_stream)
-            done.synchronize()  # on the loader thread; the compute stream never waits on the host
-        else:
+        if not self.cuda:
             dst.copy_(src)
-        self.link.pace(started, chunk.nbytes)
+            return Ticket(started, self.link.reserve(started, chunk.nbytes))
+        with torch.cuda.stream(self.copy_stream):
+            if index == 0:
+                self.copy_stream.wait_event(self.free[slot])  # kernels still reading the slot finish first
+            dst.copy_(src, non_blocking=True)
+            return Ticket(started, self.link.reserve(started, chunk.nbytes), self._recorded(slot, index))
+
+    def _recorded(self, slot: int, index: int):
+        """On the copy stream: the slot's ready event after its last chunk, and this chunk's own event."""
+        if index == len(self.chunks) - 1:
+            self.ready[slot].record(self.copy_stream)
+        done = torch.cuda.Event()
+        done.record(self.copy_stream)
+        return done
+
+    @staticmethod
+    def landed(ticket: Ticket) -> bool:
+        return time.perf_counter() >= ticket.deadline and (ticket.event is None or ticket.event.query())
+
+    @staticmethod
+    def wait(ticket: Ticket, wake: threading.Event) -> None:
+        """Block until the chunk has landed, or (on the emulated link) until `wake` is set."""
+        if ticket.event is not None:
+            ticket.event.synchronize()  # on the loader thread; the compute stream never waits on the host
+        delay = ticket.deadline - time.perf_counter()
+        if delay > 0:
+            wake.wait(delay)
+
+    def copy_chunk(self, slot: int, host, index: int) -> None:
+        """Copy chunk `index` of one expert into `slot`; returns when the bytes have landed."""
+        ticket = self.issue_chunk(slot, host, index)
+        while not self.landed(ticket):
+            self.wait(ticket, NEVER)
 
     def acquire(self, slot: int) -> dict[str, torch.Tensor]:
         """The slot's weights for compute; on CUDA the compute stream waits for the slot's copy."""
@@ -137,25 +181,19 @@ class CompressedSlab(SlotSlab):
             self.staging = {name: {p: torch.empty((most[name], *s[1:]), dtype=dt, device=device)
                                    for p, (s, dt) in ps.items()} for name, ps in parts.items()}
 
-    def copy_chunk(self, slot: int, host, index: int) -> None:
+    def issue_chunk(self, slot: int, host, index: int) -> Ticket:
         """`host` is a CompressedExpert: its `parts[name][part]` are [rows, ...] host tensors."""
         chunk = self.chunks[index]
         src = {p: t[chunk.start:chunk.stop] for p, t in host.parts[chunk.name].items()}
         dst = self.buffers[chunk.name][slot]
         started = time.perf_counter()
-        if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
-                if index == 0:
-                    self.copy_stream.wait_event(self.free[slot])
-                staged = {p: self.staging[chunk.name][p][:chunk.stop - chunk.start].copy_(t, non_blocking=True)
-                          for p, t in src.items()}
-                self.decode_into(chunk.name, staged, dst, chunk.start, chunk.stop)
-                if index == len(self.chunks) - 1:
-                    self.ready[slot].record(self.copy_stream)
-                done = torch.cuda.Event()
-                done.record(self.copy_stream)
-            done.synchronize()  # the staging buffers are free again before the next chunk
-            self.link.pace(started, chunk.nbytes)
-        else:  # the compressed bytes cross the emulated link first, then are dequantised (no overlap flattered)
-            self.link.pace(started, chunk.nbytes)
-            self.decode_into(chunk.name, src, dst, chunk.start, chunk.stop)
+        if not self.cuda:  # the dequantisation is booked on the emulated link after the compressed bytes
+            self.decode_into(chunk.name, src, dst, chunk.start, chunk.stop)  # (serial, no overlap flattered)
+            return Ticket(started, self.link.reserve(started, chunk.nbytes, extra_s=time.perf_counter() - started))
+        with torch.cuda.stream(self.copy_stream):  # the next chunk's staging copy queues behind this decode
+            if index == 0:
+                self.copy_stream.wait_event(self.free[slot])
+            staged = {p: self.staging[chunk.name][p][:chunk.stop - chunk.start].copy_(t, non_blocking=True)
+                      for p, t in src.items()}
+            self.decode_into(chunk.name, staged, dst, chunk.start, chunk.stop)
+            return Ticket(started, self.link.reserve(started, chunk.nbytes), self._recorded(slot, index))

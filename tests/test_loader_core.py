@@ -1,0 +1,84 @@
+"""The loader's copy queue: chunks issued ahead of the one landing, on the emulated link and in
+LoaderCore's bookkeeping (chunks issued vs landed, cancellation with a chunk still in flight)."""
+import time
+
+import torch
+
+from activemoe.cache import ExpertCache
+from activemoe.cache_meta import SlotState
+from activemoe.ids import ExpertId
+from activemoe.loader_core import LoaderCore
+from activemoe.policies import LRU
+from activemoe.scheduler import PrefetchScheduler
+from activemoe.slots import NEVER, EmulatedLink, SlotSlab
+
+
+def E(n, layer=0):
+    return ExpertId(layer, n)
+
+
+def test_a_chunk_queued_behind_another_follows_it_without_a_gap():
+    link = EmulatedLink(1.0)  # 1 GB/s: 1 MB takes 1 ms
+    first = link.reserve(100.0, 1_000_000)
+    second = link.reserve(100.0005, 1_000_000)  # issued while the first is on the link
+    assert first == 100.001 and abs(second - 100.002) < 1e-12  # back to back: the hand-over cost no link time
+    late = link.reserve(200.0, 1_000_000)  # issued after the link went idle: starts when issued
+    assert late == 200.001
+    assert EmulatedLink(None).reserve(5.0, 10**9) == 0.0  # unpaced: delivered at once
+
+
+def test_slab_chunk_lands_at_its_link_deadline_not_before():
+    slab = SlotSlab(2, {"w": (4, 256)}, torch.float32, torch.device("cpu"), EmulatedLink(0.0001), chunk_bytes=2048)  # 20 ms a chunk
+    host = {"w": torch.randn(4, 256)}
+    assert len(slab.chunks) == 2  # 2 rows (2 KiB) per chunk
+    t0 = time.perf_counter()
+    a = slab.issue_chunk(1, host, 0)
+    b = slab.issue_chunk(1, host, 1)
+    assert abs(b.deadline - a.deadline - 2048 / 1e5) < 1e-9  # queued: the second follows the first on the link
+    assert not slab.landed(a)  # copied already, but not delivered before the link could carry it
+    slab.wait(b, NEVER)
+    assert slab.landed(b) and time.perf_counter() - t0 >= 4096 / 1e5
+    assert torch.equal(slab.buffers["w"][1], host["w"])
+
+
+def core(slots=4, chunks=2, window=2):
+    return LoaderCore(ExpertCache(slots, LRU()), PrefetchScheduler(window), chunks)
+
+
+def test_next_chunk_hands_out_each_chunk_once_and_the_expert_is_ready_when_all_landed():
+    c = core()
+    ready, waiting = c.begin_layer(0, [E(1)], [])
+    assert ready == [] and waiting == [E(1)]
+    task, first = c.next_chunk()
+    again, second = c.next_chunk()
+    assert again is task and (first, second) == (0, 1)
+    assert c.next_chunk() is None  # both chunks on the link: nothing more to issue
+    assert c.land(task) is False and c.cache.meta[task.slot].state == SlotState.LOADING
+    assert c.land(task) is True and c.cache.meta[task.slot].state == SlotState.READY
+    got, _ = c.take_ready({E(1)})
+    assert got == (E(1), task.slot)
+
+
+def test_a_cancelled_load_keeps_its_slot_until_its_chunk_in_flight_has_landed():
+    c = core()
+    c.begin_layer(0, [], [(E(5, 1), 1, 0.9)])  # speculative, due at event 1
+    task, index = c.next_chunk()
+    assert (task.eid, index) == (E(5, 1), 0)
+    c.begin_layer(1, [E(6, 1)], [])  # event 1 routed without it: cancelled while its chunk is on the link
+    assert task.cancelled
+    critical, _ = c.next_chunk()  # the critical miss gets the link; the stale load issues nothing more
+    assert critical.eid == E(6, 1)
+    assert c.cache.slot_of(E(5, 1)) == task.slot  # not freed under the chunk in flight
+    assert c.land(task) is False
+    while c.next_chunk():  # the critical load's second chunk, then the stale one's clean-up
+        pass
+    assert c.cache.slot_of(E(5, 1)) is None and c.take_dropped() == [E(5, 1)]
+
+
+def test_a_chunk_of_a_failed_load_that_lands_later_is_ignored():
+    c = core()
+    c.begin_layer(0, [E(2)], [])
+    task, _ = c.next_chunk()
+    c.next_chunk()
+    c.fail(task, OSError("disk"))
+    assert c.land(task) is False and c.cache.slot_of(E(2)) is None
