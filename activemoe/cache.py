@@ -42,6 +42,7 @@ class ExpertCache:
         self.meta = [SlotMeta() for _ in range(num_slots)]
         self.stats = CacheStats()
         self._slot_of: dict[ExpertId, int] = {}
+        self._layer_slots: dict[int, set[int]] = {}  # MoE layer -> slots holding its experts
         self._clock = 0
         self.policy = policy  # builds the index
 
@@ -63,6 +64,10 @@ class ExpertCache:
 
     def resident(self) -> dict[ExpertId, int]:
         return dict(self._slot_of)
+
+    def slots_of_layer(self, layer: int) -> set[int]:
+        """The slots holding (or loading) experts of `layer`."""
+        return self._layer_slots.get(layer, set())
 
     def lookup(self, eid: ExpertId) -> int | None:
         """The READY slot holding `eid`, counted as a hit or a miss."""
@@ -107,6 +112,7 @@ class ExpertCache:
         evicted = meta.expert
         if evicted is not None:
             del self._slot_of[evicted]
+            self._layer_slots[evicted.layer].discard(slot)
             self.stats.evictions += 1
             self.stats.wasted += meta.speculative
         self._clock += 1
@@ -114,6 +120,7 @@ class ExpertCache:
                                    speculative=speculative)
         self.policy.on_insert(self.meta[slot])
         self._slot_of[eid] = slot
+        self._layer_slots.setdefault(eid.layer, set()).add(slot)
         self.stats.loads += 1
         return slot, evicted
 
@@ -129,6 +136,7 @@ class ExpertCache:
         meta = self.meta[slot]
         if meta.expert is not None:
             self._slot_of.pop(meta.expert, None)
+            self._layer_slots[meta.expert.layer].discard(slot)
         self.stats.wasted += meta.speculative
         self.meta[slot] = SlotMeta()
         heapq.heappush(self._empty, slot)
@@ -138,6 +146,7 @@ class ExpertCache:
             raise RuntimeError("cannot clear a cache with pinned or loading slots")
         self.meta = [SlotMeta() for _ in self.meta]
         self._slot_of.clear()
+        self._layer_slots.clear()
         self._reindex()
 
     def _victim(self, speculative: bool, protected: frozenset[ExpertId], due: int | None = None) -> int:

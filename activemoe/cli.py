@@ -50,6 +50,10 @@ def _add_generate(sub) -> None:
                         "confidence), oracle "
                         "(replays a first identical run's routing: the upper bound); default none")
     p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to prefetch (default 1)")
+    p.add_argument("--no-first-layer-reserve", action="store_true",
+                   help="with a predictor other than oracle: do not keep slots for the first MoE layer's experts "
+                        "(no prediction reaches a token's first layer, so by default speculative and other loads "
+                        "leave up to slots - (lookahead + 1) x budget of its recently used experts alone)")
     p.add_argument("--predictor-file", help="learned heads for --predictor learned (default: the model "
                                             "directory's activemoe-predictor.safetensors)")
     p.add_argument("--link-gbps", type=float,
@@ -99,7 +103,7 @@ def cmd_generate(args) -> int:
     cache = CacheConfig(num_slots=args.cache_experts, policy=args.policy,
                         expert_memory_bytes=parse_size(args.expert_memory) if args.expert_memory else None,
                         device_memory_bytes=parse_size(args.gpu_memory) if args.gpu_memory else None,
-                        context_tokens=args.context)
+                        context_tokens=args.context, first_layer_reserve=not args.no_first_layer_reserve)
     if args.lookahead < 1:
         raise UserError("--lookahead must be at least 1")
     config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache, store=args.store, routing=args.routing,

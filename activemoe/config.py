@@ -20,6 +20,8 @@ class CacheConfig:
     context_tokens: int = 4096  # KV cache the planner reserves for
     slot_fraction: float = 0.25  # default when no size is given: this share of all routed experts
     policy: str = "lru"  # key of policies.POLICIES
+    first_layer_reserve: bool = True  # with a predictor that looks ahead within a token (all but the oracle),
+    #                                   keep slots for the first MoE layer's experts (loader_core.first_layer_reserve)
 
 
 @dataclass(frozen=True)

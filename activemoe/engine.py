@@ -30,6 +30,7 @@ from activemoe.families import (experts_classes, experts_without_weights, offloa
 from activemoe.hardware import profile_host_expert
 from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
 from activemoe.loader import Loader
+from activemoe.loader_core import first_layer_reserve
 from activemoe.policies import FUTURE_POLICIES, Belady, make_policy
 from activemoe.plan import MemoryPlan, ModelShape, kv_bytes_per_token, plan
 from activemoe.pregated import PregatedRouting
@@ -446,6 +447,9 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
                             stream_prefill=prefetch.stream_prefill and prefetch.predictor != "none")
     for layer, module in experts.items():
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
+    if config.cache.first_layer_reserve and prefetch.predictor not in ("none", "oracle") and config.routing == "exact":
+        loader.core.reserve_for(store.layers[0], first_layer_reserve(num_slots, prefetch.lookahead,
+                                                                     prefetch.budget or top_k))
     replay = None
     if config.replay_routing:
         replay = ReplayRouting(load_trace(config.replay_routing), store.layers, store.num_experts, top_k)

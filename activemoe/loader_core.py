@@ -12,10 +12,19 @@ from activemoe.ids import ExpertId
 from activemoe.scheduler import LoadTask, PrefetchScheduler
 
 
+def first_layer_reserve(num_slots: int, lookahead: int, budget: int) -> int:
+    """Slots worth keeping for the experts of a token's first MoE layer, which a predictor that looks
+    ahead within a token never names (the cache is their only defence): all but what the prefetch
+    pipeline needs in flight, `budget` experts for each of the current and `lookahead` next layers."""
+    return max(0, num_slots - (lookahead + 1) * budget)
+
+
 class LoaderCore:
     def __init__(self, cache: ExpertCache, scheduler: PrefetchScheduler, num_chunks: int):
         self.cache, self.scheduler = cache, scheduler
         self.num_chunks = num_chunks  # chunks per expert copy
+        self.reserved_layer: int | None = None  # a MoE layer no prediction reaches (see first_layer_reserve)
+        self.reserve = 0  # its `reserve` most recently used resident experts are evicted only if nothing else may go
         self.handed: set[ExpertId] = set()  # critical loads done, their pin held for the consumer
         self.failed: dict[ExpertId, BaseException] = {}
         self.dropped: list[ExpertId] = []  # cancelled in-flight loads since take_dropped()
@@ -46,14 +55,27 @@ class LoaderCore:
         self.start_critical()
         return ready, waiting
 
+    def reserve_for(self, layer: int | None, slots: int) -> None:
+        """Keep up to `slots` of `layer`'s experts from eviction by other loads (0 or None: off)."""
+        self.reserved_layer, self.reserve = layer, slots if layer is not None else 0
+
+    def _protected(self, eid: ExpertId) -> frozenset[ExpertId]:
+        """What a load of `eid` should not evict: predicted and loading experts, and the reserved
+        layer's most recently used ones (unless the load is for that layer)."""
+        protected = self.scheduler.protected_set()
+        if self.reserve and eid.layer != self.reserved_layer:
+            meta = self.cache.meta
+            held = sorted(self.cache.slots_of_layer(self.reserved_layer), key=lambda s: meta[s].last_use)
+            protected |= frozenset(meta[s].expert for s in held[-self.reserve:])
+        return protected - {eid}
+
     def start_critical(self) -> None:
         """Give slots to queued critical loads now, best first, while a slot may be evicted. The compute
         path calls this (under the loader's lock) when it queues misses and when it releases a slot, so
         a critical load's victim is chosen at those fixed points, never at a thread's whim."""
         for task in self.scheduler.queued_critical():
             try:
-                slot, _ = self.cache.allocate(task.eid, protected=self.scheduler.protected_set() - {task.eid},
-                                              due=task.due)
+                slot, _ = self.cache.allocate(task.eid, protected=self._protected(task.eid), due=task.due)
             except NoEvictableSlot:
                 return
             self.scheduler.start(task, slot)
@@ -130,8 +152,7 @@ class LoaderCore:
             if task.slot is None:
                 try:
                     slot, _ = self.cache.allocate(task.eid, speculative=not task.critical,
-                                                  protected=self.scheduler.protected_set() - {task.eid},
-                                                  due=task.due)
+                                                  protected=self._protected(task.eid), due=task.due)
                 except NoEvictableSlot:
                     # Never force a load in: it waits (queued, cancellable) until a slot may be evicted;
                     # a speculative one is dropped once its layer has routed. Work in flight may progress.

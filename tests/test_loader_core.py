@@ -7,7 +7,7 @@ import torch
 from activemoe.cache import ExpertCache
 from activemoe.cache_meta import SlotState
 from activemoe.ids import ExpertId
-from activemoe.loader_core import LoaderCore
+from activemoe.loader_core import LoaderCore, first_layer_reserve
 from activemoe.policies import LRU
 from activemoe.scheduler import PrefetchScheduler
 from activemoe.slots import NEVER, EmulatedLink, SlotSlab
@@ -82,3 +82,38 @@ def test_a_chunk_of_a_failed_load_that_lands_later_is_ignored():
     c.next_chunk()
     c.fail(task, OSError("disk"))
     assert c.land(task) is False and c.cache.slot_of(E(2)) is None
+
+
+def _resident(c, eids):
+    """Load `eids` (critical, one chunk each) and use them once, in order."""
+    for eid in eids:
+        c.begin_layer(0, [eid], [])
+        task, _ = c.next_chunk()
+        c.land(task)
+        got, _ = c.take_ready({eid})
+        c.release(got[1])
+
+
+def test_first_layer_reserve_leaves_what_the_prefetch_pipeline_needs():
+    assert first_layer_reserve(16, lookahead=3, budget=2) == 8
+    assert first_layer_reserve(6, lookahead=3, budget=2) == 0
+
+
+def test_other_layers_loads_leave_the_reserved_layers_recent_experts_alone():
+    c = core(slots=4, chunks=1)
+    c.reserve_for(0, 2)
+    _resident(c, [E(1, 0), E(2, 0), E(1, 1), E(3, 0)])  # LRU order: E(1,0) oldest, then E(2,0), E(1,1), E(3,0)
+    c.begin_layer(1, [], [(E(7, 1), 2, 0.9)])  # a prediction for layer 1
+    task, _ = c.next_chunk()
+    evicted = {E(1, 0), E(2, 0), E(1, 1), E(3, 0)} - set(c.cache.resident())
+    assert evicted == {E(1, 0)}  # the oldest layer-0 expert beyond the reserve of 2 may go
+    c.land(task)
+    c.begin_layer(2, [], [(E(8, 1), 3, 0.9)])
+    task, _ = c.next_chunk()
+    assert E(1, 1) not in c.cache.resident()  # next: the layer-1 expert, not E(2,0) (LRU) nor E(3,0)
+    assert {E(2, 0), E(3, 0)} <= set(c.cache.resident())
+    c.reserve_for(None, 0)
+    c.land(task)
+    c.begin_layer(3, [], [(E(9, 1), 4, 0.9)])
+    c.next_chunk()
+    assert E(2, 0) not in c.cache.resident()  # reserve off: plain LRU again
