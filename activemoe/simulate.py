@@ -22,7 +22,7 @@ from activemoe.costmodel import CostModel
 from activemoe.errors import UserError
 from activemoe.ids import ExpertId
 from activemoe.loader import QUEUE_DEPTH
-from activemoe.loader_core import LoaderCore
+from activemoe.loader_core import LoaderCore, first_layer_reserve
 from activemoe.policies import Belady, make_policy
 from activemoe.predictors import Announcer, HistoryPredictor, NoPredictor, OraclePredictor, Prediction
 from activemoe.scheduler import LoadTask, PrefetchScheduler
@@ -176,6 +176,8 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
     cache = ExpertCache(slots, policy)
     chunk_bytes = chunk_bytes or _chunk_plan(cost.expert_bytes, p.chunk_bytes)
     core = LoaderCore(cache, PrefetchScheduler(p.issue_window), len(chunk_bytes))
+    if config.cache.first_layer_reserve and isinstance(predictor, HistoryPredictor):  # as the engine (the oracle crosses tokens)
+        core.reserve_for(workload.layers[0], first_layer_reserve(slots, p.lookahead, p.budget or workload.top_k))
     if slots >= len(workload.layers) * workload.num_experts:  # as the engine: everything fits, loaded at start
         core.fill([ExpertId(layer, e) for layer in workload.layers for e in range(workload.num_experts)],
                   copy=lambda eid, slot: None)
