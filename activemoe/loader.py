@@ -21,7 +21,7 @@ from activemoe.cache import ExpertCache
 from activemoe.ids import ExpertId
 from activemoe.loader_core import LoaderCore
 from activemoe.scheduler import LoadTask, PrefetchScheduler
-from activemoe.slots import SlotSlab, Ticket
+from activemoe.slots import NEVER, SlotSlab, Ticket
 from activemoe.store import ExpertStore
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,8 @@ class Loader:
                         break
                     self.cond.wait()
                 self._wake.clear()
-            if issue is None:  # nothing to add: until the oldest chunk lands, or new work comes
-                self.slab.wait(flight[0][1], self._wake)
+            if issue is None:  # nothing to add: until the oldest chunk lands, or (queue not full) new work comes
+                self.slab.wait(flight[0][1], self._wake if len(flight) < QUEUE_DEPTH else NEVER)
                 continue
             task, index = issue
             try:
