@@ -10,10 +10,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from activemoe.baselines import RunResult, Runner, make_runner
 from activemoe.config import CacheConfig, EngineConfig
-from activemoe.engine import model_shape
+from activemoe.engine import load_tokenizer, model_shape
 from activemoe.errors import UserError
 from activemoe.learned import SIDECAR
 from activemoe.trace import HELDOUT_LIST, split_texts
@@ -77,6 +78,16 @@ def prompts_for(model_dir: Path, encode, vocab_size: int, length: int, batch: in
                 return [ids[i * length:(i + 1) * length] for i in range(batch)]
     gen = torch.Generator().manual_seed(length * 1000 + batch)
     return torch.randint(3, vocab_size, (batch, length), generator=gen).tolist()
+
+
+def bench_prompts(config: BenchConfig) -> dict[tuple[int, int], list[list[int]]]:
+    """Per (prompt length, batch size), the prompts: held-out text with the checkpoint's own tokenizer
+    for a bundled-style model, whichever baseline runs first; else random ids."""
+    tokenizer = load_tokenizer(config.model_dir)
+    encode = None if tokenizer is None else (lambda text: tokenizer(text, verbose=False)["input_ids"])
+    vocab = AutoConfig.from_pretrained(config.model_dir).get_text_config().vocab_size
+    return {(length, batch): prompts_for(config.model_dir, encode, vocab, length, batch)
+            for length in config.prompt_lengths for batch in config.batch_sizes}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -146,10 +157,7 @@ def run_bench(config: BenchConfig, progress: Progress = lambda _: None,
         runner: Runner = make_runner(spec, config.model_dir, config.engine)
         try:
             if not prompts:
-                engine = getattr(runner, "engine", None)
-                encode = engine.encode if engine is not None and engine.tokenizer is not None else None
-                vocab = engine.vocab_size if engine is not None else _vocab(runner)
-                prompts = {s: prompts_for(config.model_dir, encode, vocab, *s) for s in shapes}
+                prompts = bench_prompts(config)
             progress(f"{spec}: warm-up")
             runner.run(prompts[shapes[0]], min(8, config.new_tokens))
             for shape in shapes:
@@ -162,11 +170,6 @@ def run_bench(config: BenchConfig, progress: Progress = lambda _: None,
         finally:
             runner.close()
     return rows
-
-
-def _vocab(runner) -> int:
-    model = getattr(runner, "model")
-    return model.get_input_embeddings().weight.shape[0]
 
 
 def _link(engine: EngineConfig) -> float | None:

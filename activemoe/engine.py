@@ -456,7 +456,7 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
         replay.install(experts)
     if num_slots >= total and config.experts_on != "host":
         loader.preload(store.experts())  # everything fits: no transfer is left for generation
-    tokenizer = _tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     stats = LoadStats(model_rss_bytes=model_rss,
                       host_store_bytes=(store.expert_bytes * total if config.store == "ram" else 0)
                       + (late_miss.store.expert_bytes * total if late_miss else 0),
@@ -523,7 +523,8 @@ def _check_choices(config: EngineConfig) -> None:
         raise UserError("--link-gbps must be positive")
 
 
-def _tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path):
+    """The checkpoint's tokenizer, or None when it has none (or a broken one)."""
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     try:

@@ -29,3 +29,16 @@ def test_bundled_model_parity_and_text():
         assert out.token_ids == expected.sequences[0, len(ids):].tolist()[:len(out.token_ids)]
         text = engine.decode(out.token_ids)
         assert isinstance(text, str) and text.strip()
+
+
+def test_bench_prompts_are_held_out_text_whichever_baseline_runs_first():
+    """The bench's prompts for a bundled-style model are its held-out text, also when the first baseline
+    is plain transformers (no ActiveMoE engine to ask for a tokenizer: it once fell back to random ids)."""
+    from activemoe.bench import BenchConfig, bench_prompts
+    from activemoe.trace import split_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(BUNDLED)
+    text = tokenizer(split_texts(BUNDLED, "heldout")[0], verbose=False)["input_ids"]
+    for baselines in (("transformers", "reactive"), ("reactive", "transformers")):
+        prompts = bench_prompts(BenchConfig(BUNDLED, baselines, prompt_lengths=(16, 128), batch_sizes=(1, 2)))
+        assert prompts[(16, 1)] == [text[:16]] and prompts[(128, 2)] == [text[:128], text[128:256]]
