@@ -1,4 +1,6 @@
 """Predictors on synthetic routing where the right answer is known, and exact parity with each."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -116,3 +118,25 @@ def test_parity_with_adaptive(checkpoint):
                        prefetch=PrefetchConfig(predictor="adaptive", lookahead=2))
     with activemoe.load(model_dir, cfg) as eng:
         _assert_parity(ref, eng.model.generate(PROMPT, **GEN))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_parity_with_the_first_layer_reserve(checkpoint, family):
+    """With a within-token predictor the first MoE layer keeps a reserve of slots (and not with the flag
+    off, nor with the oracle); the output stays exact."""
+    model_dir = checkpoint(family)
+    ref = _reference(model_dir)
+    cfg = EngineConfig(cache=CacheConfig(num_slots=10, policy="lru"),
+                       prefetch=PrefetchConfig(predictor="pregate", lookahead=1))
+    with activemoe.load(model_dir, cfg) as eng:
+        assert eng.runtime.loader.core.reserve == 10 - 2 * eng.top_k > 0
+        assert eng.runtime.loader.core.reserved_layer == eng.runtime.store.layers[0]
+        _assert_parity(ref, eng.model.generate(PROMPT, **GEN))
+        out = eng.generate(PROMPT[0].tolist(), max_new_tokens=12, sampling=SamplingConfig(do_sample=False))
+        assert out.stats.evictions > 0  # the reserve was in play
+        assert out.token_ids == ref.sequences[0, PROMPT.shape[1]:].tolist()[:len(out.token_ids)]
+    off = replace(cfg, cache=replace(cfg.cache, first_layer_reserve=False))
+    oracle = replace(cfg, prefetch=replace(cfg.prefetch, predictor="oracle"))
+    for other in (off, oracle):
+        with activemoe.load(model_dir, other) as eng:
+            assert eng.runtime.loader.core.reserve == 0
