@@ -2,6 +2,7 @@
 (or an interrupted run) never sees a half-written file."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -26,6 +27,15 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def emit_json(result: dict, out: str | os.PathLike | None = None, indent: int | None = None) -> None:
+    """A benchmark's result: printed as one JSON line and, when `out` is given, written there atomically
+    (as that line, or indented)."""
+    line = json.dumps(result)
+    print(line)
+    if out:
+        write_text_atomic(out, (line if indent is None else json.dumps(result, indent=indent)) + "\n")
 
 
 def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> None:

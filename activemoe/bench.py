@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from transformers import AutoConfig
 
 from activemoe.baselines import RunResult, Runner, make_runner
 from activemoe.config import CacheConfig, EngineConfig
-from activemoe.engine import load_tokenizer, model_shape
+from activemoe.engine import encode_text, load_tokenizer, model_shape
 from activemoe.errors import UserError
 from activemoe.learned import SIDECAR
 from activemoe.trace import HELDOUT_LIST, split_texts
@@ -84,7 +85,7 @@ def bench_prompts(config: BenchConfig) -> dict[tuple[int, int], list[list[int]]]
     """Per (prompt length, batch size), the prompts: held-out text with the checkpoint's own tokenizer
     for a bundled-style model, whichever baseline runs first; else random ids."""
     tokenizer = load_tokenizer(config.model_dir)
-    encode = None if tokenizer is None else (lambda text: tokenizer(text, verbose=False)["input_ids"])
+    encode = None if tokenizer is None else partial(encode_text, tokenizer)
     vocab = AutoConfig.from_pretrained(config.model_dir).get_text_config().vocab_size
     return {(length, batch): prompts_for(config.model_dir, encode, vocab, length, batch)
             for length in config.prompt_lengths for batch in config.batch_sizes}

@@ -4,7 +4,6 @@ measures, then one aligned table, one JSON line, and with --out a directory of J
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -12,7 +11,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from activemoe.atomic import write_atomic, write_text_atomic
+from activemoe.atomic import emit_json, write_atomic
 from activemoe.bench import BenchConfig, BenchRow, cache_config, compare_grid, default_baselines, run_bench
 from activemoe.config import DTYPES, CacheConfig, EngineConfig, LinkConfig, PrefetchConfig
 from activemoe.errors import UserError
@@ -220,10 +219,8 @@ def cmd_bench(args) -> int:
         print(reason)
     result = {"bench": "activemoe bench", **cond, "cache": args.cache, "skipped": skipped,
               "rows": [asdict(r) for r in rows]}
-    line = json.dumps(result)
-    print(line)
+    emit_json(result, out / "bench.json" if out else None)
     if out:
-        write_text_atomic(out / "bench.json", line + "\n")
         write_atomic(out / "bench.png", lambda tmp: _plot_bench(rows, tmp))
     return 0
 
@@ -237,11 +234,9 @@ def cmd_compare(args) -> int:
     cond = conditions(config)
     print_table([r for _, r in tagged], f"activemoe compare — measured wall clock, {cond['machine']}, "
                                         f"{cond['device']}, link {cond['link']}", tags=[c for c, _ in tagged])
-    line = json.dumps({"bench": "activemoe compare", **cond,
-                       "rows": [{"cache": c, **asdict(r)} for c, r in tagged]})
-    print(line)
+    emit_json({"bench": "activemoe compare", **cond, "rows": [{"cache": c, **asdict(r)} for c, r in tagged]},
+              out / "compare.json" if out else None)
     if out:
-        write_text_atomic(out / "compare.json", line + "\n")
         write_atomic(out / "compare.png", lambda tmp: _plot_compare(tagged, tmp))
     return 0
 

@@ -204,7 +204,7 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise UserError("this checkpoint has no tokenizer; pass --prompt-ids instead of --prompt")
-        return self.tokenizer(text, verbose=False)["input_ids"]
+        return encode_text(self.tokenizer, text)
 
     def decode(self, ids: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -521,6 +521,10 @@ def _check_choices(config: EngineConfig) -> None:
         raise UserError(f"--precision {config.precision} keeps the compressed copies in RAM; use it with --store ram")
     if config.link.link_gbps is not None and config.link.link_gbps <= 0:
         raise UserError("--link-gbps must be positive")
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, verbose=False)["input_ids"]
 
 
 def load_tokenizer(model_dir: Path):

@@ -13,7 +13,6 @@ temporary --quant-cache, never into the model directory. One table, one JSON lin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 import activemoe
-from activemoe.atomic import write_text_atomic
+from activemoe.atomic import emit_json
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, SamplingConfig
 from activemoe.trace import split_texts
 
@@ -166,10 +165,7 @@ def main() -> None:
               "prompt_tokens": args.prompt_tokens, "ppl_tokens": args.ppl_tokens, "baseline": CONFIGS[0][0],
               "ppl_reference": "native fp32", "compute_floor_tok_s": floor,
               "compute_floor": "native bf16, every expert resident, no link", "rows": rows}
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        write_text_atomic(args.out, line + "\n")
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

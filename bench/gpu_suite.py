@@ -10,7 +10,6 @@ Every baseline of `activemoe bench` runs through its real path. Results: bench/r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 import activemoe
-from activemoe.atomic import write_text_atomic
+from activemoe.atomic import emit_json
 from activemoe.bench import BenchConfig, cache_config, run_bench
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig
 from activemoe.demo import BUNDLED
@@ -94,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                       "measured": "wall clock", "routing": "replayed from the bundled model's held-out trace "
                       "(mapped onto the shape; approximate)", "link": "real (pinned host RAM to device)",
                       "checkpoint_build_s": built_s, "shape_config": shape, "rows": rows}
-            line = json.dumps(result)
-            print(line)
-            if not args.dry_run:
-                write_text_atomic(out / f"gpu_{shape_name}_{name}.json", line + "\n")
+            emit_json(result, None if args.dry_run else out / f"gpu_{shape_name}_{name}.json")
     return 0
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from activemoe.atomic import write_text_atomic
+from activemoe.atomic import emit_json
 
 PROBE = r"""
 import json, re, sys, torch
@@ -92,16 +92,14 @@ def main() -> None:
           f"hidden {args.hidden}, expert width {args.expert_width}")
     for name, value, note in rows:
         print(f"{name:<56} {value / mib:9.1f} MiB  {note or ''}")
-    line = json.dumps({"bench": "load_memory", "measured": True, "expert_bytes": expert_bytes,
+    emit_json({"bench": "load_memory", "measured": True, "expert_bytes": expert_bytes,
                        "layers": args.layers, "experts": args.experts, "hidden": args.hidden,
                        "expert_width": args.expert_width, "slots": slots,
                       "non_expert_bytes": other_bytes, "plain_load_rss": plain["loaded"] - base,
                       "activemoe_model_load_rss": ours["model"] - base, "slab_bytes": ours["slab"],
                       "host_store_bytes": ours["host_store"], "activemoe_total_rss": ours["loaded"] - base,
-                      "activemoe_current_rss": ours["current"] - base, "plain_current_rss": plain["current"] - base})
-    print(line)
-    if args.out:
-        write_text_atomic(args.out, line + "\n")
+                      "activemoe_current_rss": ours["current"] - base, "plain_current_rss": plain["current"] - base},
+              args.out)
 
 
 if __name__ == "__main__":

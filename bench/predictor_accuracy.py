@@ -9,10 +9,10 @@ at a model-shape preset. One table, one JSON line; JSON to bench/results/, the p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from activemoe.atomic import emit_json
 from activemoe.config import CacheConfig, PrefetchConfig
 from activemoe.costmodel import from_preset
 from activemoe.presets import hardware_preset, shape_preset
@@ -63,10 +63,9 @@ def main() -> int:
     result = {"bench": "predictor_accuracy", "simulated": True, "workload": workload.label, "shape": shape.name,
               "policy": args.policy, "lookahead": args.lookahead,
               "cost_models": {k: c.to_json() for k, c in costs.items()}, "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    emit_json(result, args.out, indent=2)
     if args.plot:
         plot(rows, costs, workload.label, shape.name, args.plot)
-    print(json.dumps(result))
     return 0
 
 

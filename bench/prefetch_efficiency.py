@@ -18,7 +18,6 @@ compute ("mech" = measured / it). One table, one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 import activemoe
-from activemoe.atomic import write_text_atomic
+from activemoe.atomic import emit_json
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig, SamplingConfig
 from activemoe.tiny import build_tiny_checkpoint
 
@@ -175,10 +174,7 @@ def main() -> None:
               "link_gbps": link, "compute_floor_tok_s": floor, "expert_bytes": expert_bytes, "rows": rows,
               "oracle_over_reactive": speedup, "lookahead": args.lookahead, "new_tokens": args.new_tokens,
               "precision": args.precision}
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        write_text_atomic(args.out, line + "\n")
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ machine noise hits both alike. One table, one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from activemoe.atomic import write_text_atomic
+from activemoe.atomic import emit_json
 from activemoe.baselines import ActiveMoERunner, TransformersRunner
 from activemoe.bench import prompts_for
 from activemoe.config import CacheConfig, EngineConfig
@@ -56,13 +55,10 @@ def main() -> None:
         print(f"{name:<26} {medians[name]:>12.1f} {min(values):>8.1f} {max(values):>8.1f}")
     same = tokens["transformers"] == tokens["activemoe (all resident)"]
     print(f"activemoe / transformers: {ratio:.3f}x; same tokens: {same}")
-    line = json.dumps({"bench": "resident_overhead", "measured": "wall clock",
+    emit_json({"bench": "resident_overhead", "measured": "wall clock",
                        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "torch_threads": 1,
                        "model": str(model), "runs": args.runs, "new_tokens": args.new_tokens,
-                       "median_tok_s": medians, "ratio": ratio, "same_tokens": same})
-    print(line)
-    if args.out:
-        write_text_atomic(args.out, line + "\n")
+                       "median_tok_s": medians, "ratio": ratio, "same_tokens": same}, args.out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ line; the JSON is saved to bench/results/simulator_calibration_cpu.json (--out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import activemoe
 from activemoe import hardware
+from activemoe.atomic import emit_json
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig, SamplingConfig
 from activemoe.costmodel import from_profile
 from activemoe.simulate import SimConfig, simulate
@@ -101,9 +101,7 @@ def main() -> int:
     result = {"bench": "simulator_calibration", "model": model.name, "link_gbps": args.link_gbps,
               "measured": f"wall clock, {os.cpu_count()}-core CPU, no GPU", "simulated": cost.to_json(),
               "runs": args.runs, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt), "rows": rows}
-    line = json.dumps(result)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(line)
+    emit_json(result, args.out, indent=2)
     return 0
 
 

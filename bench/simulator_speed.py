@@ -8,12 +8,11 @@ One table, one JSON line, saved to bench/results/simulator_speed_cpu.json (--out
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
+from activemoe.atomic import emit_json
 from activemoe.config import CacheConfig, PrefetchConfig
 from activemoe.costmodel import from_preset
 from activemoe.presets import hardware_preset, shape_preset
@@ -55,8 +54,7 @@ def main() -> int:
     result = {"bench": "simulator_speed", "measured": f"wall clock, {os.cpu_count()}-core CPU", "tokens": args.tokens,
               "shape": shape.name, "num_slots": slots, "synthetic_s": synth_s, "workload": workload.label,
               "simulated": cost.to_json(), "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    emit_json(result, args.out, indent=2)
     return 0
 
 
