@@ -154,7 +154,9 @@ def _add_trace(sub) -> None:
 def _add_predictor_commands(sub) -> None:
     p = sub.add_parser("train-predictor", help="train learned lookahead heads from a trace",
                        description="Train one head per (MoE layer, lookahead k) on a trace recorded with --hidden: "
-                                   "a linear map (with --model, started from the pre-gate) plus a residual MLP.")
+                                   "a linear map (with --model, started from the pre-gate) plus a residual MLP, on "
+                                   "the source layer's MoE input and the previous token's MoE input at the target "
+                                   "layer.")
     p.add_argument("--trace", required=True)
     p.add_argument("--out", required=True, help="predictor sidecar to write (safetensors)")
     p.add_argument("--model", help="the trace's model directory: start the heads from its routers (recommended)")
@@ -162,6 +164,8 @@ def _add_predictor_commands(sub) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--mlp-width", type=int, default=64,
                    help="width of each head's residual MLP (0: linear heads only; default 64)")
+    p.add_argument("--no-context", dest="context", action="store_false",
+                   help="heads read only the source layer's input, not the previous token's target-layer input")
     e = sub.add_parser("predict-eval", help="recall@k and precision@k of each predictor on a trace",
                        description="Teacher-forced evaluation of pregate, history and learned predictors on a "
                                    "trace: recall@k / precision@k per target layer and lookahead at a budget of "
@@ -233,7 +237,8 @@ def cmd_train_predictor(args) -> int:
             routers = router_parts(eng.model, offloaded_modules(eng.model))
     if args.mlp_width < 0:
         raise UserError("--mlp-width must be 0 (linear heads) or positive")
-    heads = train_heads(trace, args.lookahead, routers, epochs=args.epochs, mlp_width=args.mlp_width)
+    heads = train_heads(trace, args.lookahead, routers, epochs=args.epochs, mlp_width=args.mlp_width,
+                        context=args.context)
     meta = {k: trace.meta[k] for k in ("model_type", "num_experts", "top_k", "hidden_size", "layers", "shape_id")}
     save_heads(args.out, heads, {**meta, "lookahead": str(args.lookahead)})
     print(json.dumps({"predictor_file": args.out, "heads": len(heads), "lookahead": args.lookahead}))

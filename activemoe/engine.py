@@ -491,7 +491,8 @@ def _learned(prefetch: PrefetchConfig, model, layers: list[int], num_experts: in
     sidecar = Path(prefetch.predictor_file) if prefetch.predictor_file else Path(c.name_or_path) / SIDECAR
     if not required and not sidecar.is_file():
         return None
-    return LearnedPredictor(load_heads(sidecar, _shape_id(c, layers, num_experts)), layers, prefetch.lookahead)
+    return LearnedPredictor(load_heads(sidecar, _shape_id(c, layers, num_experts)), layers, prefetch.lookahead,
+                            device=next(model.parameters()).device)
 
 
 def _shape_id(config, layers: list[int], num_experts: int) -> str:

@@ -46,13 +46,13 @@ def evaluate(trace: Trace, predictor: Predictor, budget: int, max_tokens: int | 
         raise UserError(f"predictor {predictor.name} needs hidden states: record the trace with --hidden")
     score = PredictorScore(predictor.name, budget)
     layers = trace.layers
+    predictor.begin()  # one generation: a predictor may carry state from token to token
     for n, rows in enumerate(trace.by_token().values()):
         if max_tokens is not None and n >= max_tokens:
             break
-        inputs = [(i, layer, trace.hidden[rows[layer]:rows[layer] + 1] if trace.hidden is not None
+        inputs = [(n * len(layers) + i, layer, trace.hidden[rows[layer]:rows[layer] + 1] if trace.hidden is not None
                    else torch.zeros(1, 1), trace.experts[rows[layer]:rows[layer] + 1].long())
                   for i, layer in enumerate(layers) if layer in rows]  # what the runtime already holds
-        predictor.begin()
         start = time.perf_counter()  # the predictor's own time: its calls, as the runtime makes them
         predictions = [predictor.predict(*args) for args in inputs]
         score.seconds += time.perf_counter() - start

@@ -1,12 +1,16 @@
-"""Learned lookahead heads: one head per (source MoE layer, distance k) on the source layer's MoE
-input, predicting the experts routed k MoE layers later: a linear map, initialised from the pre-gate
-(the target router with the norm ratio folded in) when the model is given, plus an optional residual
-MLP (width M, starting at zero, so training starts from the pre-gate). Trained on a trace, saved as
-a safetensors sidecar tied to the model's shape. Legend: N rows, H hidden, E experts, M MLP width.
+"""Learned lookahead heads: one head per (source MoE layer, distance k), predicting the experts routed
+k MoE layers later from two inputs the runtime already holds when the source layer routes: the
+source layer's MoE input for this token, and the *target* layer's MoE input for the previous token
+(its context: consecutive tokens route alike, and that state was computed one step earlier). A head
+is a linear map, initialised from the pre-gate (the target router with the norm ratio folded in)
+when the model is given, plus an optional residual MLP (width M, starting at zero, so training
+starts from the pre-gate). Trained on a trace, saved as a safetensors sidecar tied to the model's
+shape. Legend: N rows, T tokens, H hidden, E experts, M MLP width.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,52 +19,82 @@ from safetensors import SafetensorError, safe_open
 
 from activemoe.errors import UserError
 from activemoe.families import RouterParts
-from activemoe.predictors import Prediction, StackedHeads, pregate_weights
+from activemoe.predictors import Prediction, pregate_weights
 from activemoe.atomic import save_safetensors_atomic
 from activemoe.trace import Trace
 
 SIDECAR = "activemoe-predictor.safetensors"
-MLP = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (W1 [M, H], b1 [M], W2 [E, M])
-Heads = dict[tuple[int, int], tuple]  # (source layer, k) -> (W [E, H], b [E]) or (W, b, MLP)
+VERSION = "2"  # 2: SiLU MLPs, heads may read the previous token's target-layer input (1: GELU, source only)
 
 
-def pairs(trace: Trace, lookahead: int) -> dict[tuple[int, int], tuple[list[int], list[int]]]:
-    """(source layer, k) -> (source rows, target rows) over tokens that reach both layers."""
+@dataclass(frozen=True)
+class Head:
+    weight: torch.Tensor  # [E, H] on the source layer's MoE input
+    bias: torch.Tensor  # [E]
+    context: torch.Tensor | None = None  # [E, H] on the target layer's MoE input of the previous token
+    mlp_in: torch.Tensor | None = None  # [M, H] residual MLP: logits += mlp_out silu(mlp_in x + mlp_in_context c + b1)
+    mlp_in_bias: torch.Tensor | None = None  # [M]
+    mlp_out: torch.Tensor | None = None  # [E, M]
+    mlp_in_context: torch.Tensor | None = None  # [M, H]
+
+
+Heads = dict[tuple[int, int], Head]  # (source layer, k) -> head
+_TENSORS = ("weight", "bias", "context", "mlp_in", "mlp_in_bias", "mlp_out", "mlp_in_context")
+
+
+def pairs(trace: Trace, lookahead: int) -> dict[tuple[int, int], tuple[list[int], list[int], list[int]]]:
+    """(source layer, k) -> (source rows, target rows, context rows) over tokens that reach both layers;
+    a context row is the previous token's row at the target layer, or -1 when there is none."""
     layers = trace.layers
-    out: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
-    for rows in trace.by_token().values():
+    by_token = trace.by_token()
+    out: dict[tuple[int, int], tuple[list[int], list[int], list[int]]] = {}
+    for token, rows in by_token.items():
+        previous = by_token.get(token - 1, {})
         for i, src in enumerate(layers):
             for k in range(1, lookahead + 1):
-                if i + k < len(layers) and src in rows and layers[i + k] in rows:
-                    a, b = out.setdefault((src, k), ([], []))
+                if i + k < len(layers) and src in rows and (dst := layers[i + k]) in rows:
+                    a, b, c = out.setdefault((src, k), ([], [], []))
                     a.append(rows[src])
-                    b.append(rows[layers[i + k]])
+                    b.append(rows[dst])
+                    c.append(previous.get(dst, -1))
+    return out
+
+
+def context_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """hidden[rows] with zeros where a row is -1 (no previous token). [N, H]"""
+    index = torch.tensor(rows)
+    out = hidden[index.clamp_min(0)].float()
+    out[index < 0] = 0
     return out
 
 
 def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | None = None, epochs: int = 30,
-                lr: float = 3e-3, mlp_width: int = 0, on_progress=None) -> Heads:
+                lr: float = 3e-3, mlp_width: int = 0, context: bool = True, on_progress=None) -> Heads:
     if trace.hidden is None:
         raise UserError("the trace has no hidden states; record it with --hidden")
     E, H = trace.num_experts, trace.hidden.shape[1]
+    D = 2 * H if context else H  # head input: [source input, context]
     layers = trace.layers
     heads: Heads = {}
     jobs = pairs(trace, lookahead)
-    for n, ((src, k), (src_rows, dst_rows)) in enumerate(sorted(jobs.items())):
+    for n, ((src, k), (src_rows, dst_rows, ctx_rows)) in enumerate(sorted(jobs.items())):
         x = trace.hidden[src_rows].float()  # [N, H]
+        if context:
+            x = torch.cat([x, context_rows(trace.hidden, ctx_rows)], 1)  # [N, 2H]
         y = torch.zeros(len(dst_rows), E).scatter_(1, trace.experts[dst_rows].long(), 1.0)  # [N, E] multi-hot
         y = y / y.sum(-1, keepdim=True)
         dst = layers[layers.index(src) + k]
         w, b = pregate_weights(routers, src, dst) if routers else (torch.zeros(E, H), torch.zeros(E))
+        w = torch.cat([w, torch.zeros(E, D - H)], 1)  # [E, D]: the context starts with no say
         params = [w.requires_grad_(), b.requires_grad_()]
         if mlp_width:
-            w1 = (torch.randn(mlp_width, H) / H**0.5).requires_grad_()
+            w1 = (torch.randn(mlp_width, D) / D**0.5).requires_grad_()
             b1, w2 = torch.zeros(mlp_width).requires_grad_(), torch.zeros(E, mlp_width).requires_grad_()
             params += [w1, b1, w2]
 
         def logits(xb):  # [n, E]
             out = xb @ w.T + b
-            return out + F.gelu(xb @ w1.T + b1) @ w2.T if mlp_width else out
+            return out + F.silu(xb @ w1.T + b1) @ w2.T if mlp_width else out
 
         opt = torch.optim.Adam(params, lr=lr)
         with torch.enable_grad():
@@ -70,21 +104,22 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-        heads[(src, k)] = tuple(p.detach() for p in params[:2]) + ((tuple(p.detach() for p in params[2:]),)
-                                                                 if mlp_width else ())
+        w, b = w.detach(), b.detach()
+        mlp = {}
+        if mlp_width:
+            w1 = w1.detach()
+            mlp = dict(mlp_in=w1[:, :H].contiguous(), mlp_in_bias=b1.detach(), mlp_out=w2.detach(),
+                       mlp_in_context=w1[:, H:].contiguous() if context else None)
+        heads[(src, k)] = Head(w[:, :H].contiguous(), b, w[:, H:].contiguous() if context else None, **mlp)
         if on_progress:
             on_progress(n + 1, len(jobs))
     return heads
 
 
 def save_heads(path: str | os.PathLike, heads: Heads, meta: dict[str, str]) -> None:
-    tensors = {}
-    for (src, k), (w, b, *mlp) in heads.items():
-        tensors[f"head.{src}.{k}.weight"], tensors[f"head.{src}.{k}.bias"] = w, b
-        if mlp:
-            for name, t in zip(("mlp_in.weight", "mlp_in.bias", "mlp_out.weight"), mlp[0]):
-                tensors[f"head.{src}.{k}.{name}"] = t
-    save_safetensors_atomic(tensors, path, {**meta, "format": "activemoe-predictor", "version": "1"})
+    tensors = {f"head.{src}.{k}.{name}": t for (src, k), head in heads.items()
+               for name in _TENSORS if (t := getattr(head, name)) is not None}
+    save_safetensors_atomic(tensors, path, {**meta, "format": "activemoe-predictor", "version": VERSION})
 
 
 def load_heads(path: str | os.PathLike, expected_shape_id: str) -> Heads:
@@ -99,32 +134,112 @@ def load_heads(path: str | os.PathLike, expected_shape_id: str) -> Heads:
         raise UserError(f"{path} is not a readable predictor file: {e}") from None
     if meta.get("format") != "activemoe-predictor":
         raise UserError(f"{path} is not an ActiveMoE predictor file")
+    if meta.get("version") != VERSION:
+        raise UserError(f"predictor file {path} has version {meta.get('version')}; this ActiveMoE reads version "
+                        f"{VERSION}: train it again with `activemoe train-predictor`")
     if meta.get("shape_id") != expected_shape_id:
         raise UserError(f"predictor file {path} was trained for another model ({meta.get('model_type')}, shape "
                         f"{meta.get('shape_id')}); train one for this model")
-    heads: Heads = {}
-    for key, w in tensors.items():
-        parts = key.split(".")
-        if len(parts) == 4 and parts[3] == "weight":  # head.SRC.K.weight
-            prefix = key[:-len("weight")]
-            head = (w.float(), tensors[prefix + "bias"].float())
-            if prefix + "mlp_in.weight" in tensors:
-                head += (tuple(tensors[prefix + n].float() for n in ("mlp_in.weight", "mlp_in.bias", "mlp_out.weight")),)
-            heads[(int(parts[1]), int(parts[2]))] = head
-    return heads
+    heads: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        _, src, k, name = key.split(".", 3)
+        heads.setdefault((int(src), int(k)), {})[name] = t.float()
+    try:
+        return {key: Head(**parts) for key, parts in heads.items()}
+    except TypeError as e:
+        raise UserError(f"predictor file {path} has unexpected tensors: {e}") from None
 
 
 class LearnedPredictor:
+    """The heads laid out so a layer costs one matmul for everything its input feeds: its own heads'
+    source parts, and the context parts of the heads that target it (kept for the next step, when the
+    earlier layers read them). Legend: n own heads, P their width n*(E+M), C the context width."""
+
     name = "learned"
 
-    def __init__(self, heads: Heads, layers: list[int], lookahead: int):
+    def __init__(self, heads: Heads, layers: list[int], lookahead: int, device: torch.device | str = "cpu"):
+        if len({h.context is None for h in heads.values()}) > 1:
+            raise UserError("the predictor file mixes heads with and without context")
         layers = sorted(layers)
-        self.heads = StackedHeads({src: [(dst, *heads[(src, k)]) for k, dst in
-                                         enumerate(layers[i + 1:i + 1 + lookahead], start=1) if (src, k) in heads]
-                                   for i, src in enumerate(layers)})
+        own = {src: [(dst, heads[(src, k)]) for k, dst in enumerate(layers[i + 1:i + 1 + lookahead], start=1)
+                     if (src, k) in heads] for i, src in enumerate(layers)}  # source -> [(target, head)]
+        into: dict[int, list[tuple[int, Head]]] = {}  # target -> [(source, head)] that read its context
+        for src, items in own.items():
+            for dst, h in items:
+                if h.context is not None:
+                    into.setdefault(dst, []).append((src, h))
+        self.targets = {src: [dst for dst, _ in items] for src, items in own.items()}
+        self.weight, self.bias, self.own_width, self.lin_width, self.mlp = {}, {}, {}, {}, {}
+        self.context_width: dict[int, int] = {}
+        at: dict[tuple[int, int], int] = {}  # (source, target) -> column of its context part within the target's
+        for dst, items in into.items():
+            column = 0
+            for src, h in items:
+                at[(src, dst)] = column
+                column += h.bias.shape[0] + _mlp_width(h)
+            self.context_width[dst] = column
+        self.perm = {}  # source -> columns of the cat of its targets' context parts, in its own layout
+        for layer in layers:
+            items = own[layer]
+            rows = [h.weight for _, h in items] + [h.mlp_in for _, h in items if _mlp_width(h)]
+            bias = [h.bias for _, h in items] + [h.mlp_in_bias for _, h in items if _mlp_width(h)]
+            self.own_width[layer] = sum(r.shape[0] for r in rows)
+            self.lin_width[layer] = sum(h.bias.shape[0] for _, h in items)
+            for src, h in into.get(layer, []):
+                rows += [h.context] + ([h.mlp_in_context] if _mlp_width(h) else [])
+                bias.append(torch.zeros(h.bias.shape[0] + _mlp_width(h)))
+            if rows:
+                self.weight[layer] = torch.cat(rows).T.contiguous().to(device)  # [H, P + C]
+                self.bias[layer] = torch.cat(bias).to(device)
+            if items and all(_mlp_width(h) for _, h in items):
+                self.mlp[layer] = torch.block_diag(*[h.mlp_out.T for _, h in items]).contiguous().to(device)  # [nM, nE]
+            if items and into:
+                base, lin, hid = 0, [], []
+                for dst, h in items:
+                    start, E = base + at[(layer, dst)], h.bias.shape[0]
+                    lin += range(start, start + E)
+                    hid += range(start + E, start + E + _mlp_width(h))
+                    base += self.context_width[dst]
+                self.perm[layer] = torch.tensor(lin + hid, device=device)
+        self.context: dict[int, torch.Tensor] = {}  # layer -> context parts [T', C] computed at the previous step
 
     def begin(self) -> None:
-        pass
+        self.context.clear()
 
     def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
-        return self.heads.predict(layer, hidden)
+        weight = self.weight.get(layer)
+        if weight is None:
+            return []
+        x = hidden.float()  # [T, H]
+        y = torch.addmm(self.bias[layer], x, weight)  # [T, P + C]
+        P, targets = self.own_width[layer], self.targets[layer]
+        if layer in self.context_width:
+            self.context[layer] = y[:, P:]
+        if not targets:
+            return []
+        if layer in self.perm:  # + the context parts the targets kept at the previous step
+            parts = [self._context(t, x.shape[0]) for t in targets]
+            y.narrow(1, 0, P).add_((torch.cat(parts, 1) if len(parts) > 1 else parts[0]).index_select(1, self.perm[layer]))
+        n, lin = len(targets), self.lin_width[layer]
+        if layer in self.mlp:
+            logits, hid, _ = y.split([lin, P - lin, y.shape[1] - P], 1)  # [T, n*E], [T, n*M], [T, C]
+            logits = torch.addmm(logits, F.silu(hid), self.mlp[layer])
+        else:
+            logits = y[:, :lin]
+        probs = logits.view(n, -1).softmax(-1) if x.shape[0] == 1 else (  # decode: one token
+            logits.reshape(x.shape[0], n, -1).softmax(-1).amax(0))  # [n, E]
+        values, experts = probs.sort(-1, descending=True)
+        return [Prediction(k, target, tuple(e), tuple(v))
+                for k, (target, e, v) in enumerate(zip(targets, experts.tolist(), values.tolist()), start=1)]
+
+    def _context(self, layer: int, rows: int) -> torch.Tensor:
+        """The previous step's context parts at `layer`, one row per current row: the same rows for a batch
+        of decode steps, each sequence's last prompt row after a prefill, zeros when there are none."""
+        c = self.context.get(layer)
+        if c is None or (c.shape[0] != rows and c.shape[0] % rows):
+            return self.bias[layer].new_zeros((rows, self.context_width[layer]))
+        return c if c.shape[0] == rows else c[c.shape[0] // rows - 1::c.shape[0] // rows]
+
+
+def _mlp_width(head: Head) -> int:
+    return 0 if head.mlp_in is None else head.mlp_in.shape[0]

@@ -9,7 +9,7 @@ import activemoe.tiny
 from activemoe.cli import main
 from activemoe.config import EngineConfig
 from activemoe.errors import UserError
-from activemoe.learned import LearnedPredictor, load_heads, save_heads, train_heads
+from activemoe.learned import Head, LearnedPredictor, load_heads, save_heads, train_heads
 from activemoe.trace import load_trace
 from tests.test_cli import assert_user_error
 
@@ -73,29 +73,115 @@ def test_learned_heads_fit_and_predict(recorded, tmp_path):
         load_heads(tmp_path / "p.safetensors", "ffff")
 
 
+def _replay(predictor, trace, tokens: int, budget: int = 2) -> float:
+    """Teacher-forced recall of `predictor` over the first `tokens` tokens of `trace`, in order."""
+    from activemoe.evaluation import evaluate
+
+    score = evaluate(trace, predictor, budget, max_tokens=tokens)
+    return sum(score.hits.values()) / sum(score.routed.values())
+
+
 def test_mlp_heads_round_trip_and_fit_better(recorded, tmp_path):
     _, path, shape = recorded
     trace = load_trace(path)
     torch.manual_seed(0)
-    linear = train_heads(trace, lookahead=1, epochs=30, lr=1e-2)
+    linear = train_heads(trace, lookahead=1, epochs=30, lr=1e-2, context=False)
     mlp = train_heads(trace, lookahead=1, epochs=30, lr=1e-2, mlp_width=32)
-    assert len(mlp[(0, 1)]) == 3 and mlp[(0, 1)][2][0].shape == (32, 32)  # W1 [M, H]
+    head = mlp[(0, 1)]
+    assert head.mlp_in.shape == head.mlp_in_context.shape == (32, 32) and head.context.shape == (8, 32)
     save_heads(tmp_path / "m.safetensors", mlp, {"shape_id": shape, "model_type": "qwen3_moe"})
     loaded = load_heads(tmp_path / "m.safetensors", shape)
-    assert all(torch.equal(a, b) for a, b in zip(loaded[(0, 1)][2], mlp[(0, 1)][2]))
-
-    def fit(heads) -> float:  # recall@2 of layer 1 from layer 0's hidden state, on the training trace
-        predictor = LearnedPredictor(heads, [0, 1, 2], lookahead=1)
-        rows = trace.by_token()
-        hits = total = 0
-        for token in list(rows)[:120]:
-            src, dst = rows[token][0], rows[token][1]
-            named = predictor.predict(0, 0, trace.hidden[src:src + 1], None)[0].experts[:2]
-            hits += len(set(named) & set(trace.experts[dst].tolist()))
-            total += 2
-        return hits / total
-
+    for name in ("weight", "bias", "context", "mlp_in", "mlp_in_bias", "mlp_out", "mlp_in_context"):
+        assert torch.equal(getattr(loaded[(0, 1)], name), getattr(head, name))
+    fit = lambda heads: _replay(LearnedPredictor(heads, [0, 1, 2], lookahead=1), trace, 120)  # noqa: E731
     assert fit(loaded) >= fit(linear)
+
+
+def _synthetic_trace(tokens: int, seed: int = 0):
+    """Two MoE layers, E = 8, top-2. Layer 1 routes to the pair a token's *previous* token carried in its
+    layer-1 input (a one-hot code in hidden dims 0-3), so layer 0's own input says nothing about it."""
+    from activemoe.trace import Trace
+
+    gen = torch.Generator().manual_seed(seed)
+    pair = torch.randint(0, 4, (tokens,), generator=gen)  # the pair layer 1 of token t+1 routes to
+    hidden = torch.randn(tokens, 2, 8, generator=gen) * 0.1
+    hidden[torch.arange(tokens), 1, pair] += 3.0
+    routed = torch.roll(pair, 1)  # token t routes to its predecessor's code
+    experts = torch.stack([torch.stack([routed * 2, routed * 2 + 1], -1),
+                           torch.randint(0, 8, (tokens, 2), generator=gen)], 1)  # [T, layer, K]: layer 0 random
+    experts = experts[:, [1, 0]]  # row order per token: layer 0, layer 1
+    meta = {"layers": "[0, 1]", "num_experts": "8", "top_k": "2", "hidden_size": "8", "shape_id": "s"}
+    return Trace(torch.tensor([0, 1] * tokens, dtype=torch.int32), torch.arange(tokens).repeat_interleave(2),
+                 experts.reshape(-1, 2).int(), torch.full((2 * tokens, 2), 0.5), hidden.reshape(-1, 8).half(), meta)
+
+
+def test_context_heads_learn_what_only_the_previous_token_knows():
+    """Layer 1's routing is a function of the previous token's layer-1 input: heads that read that
+    context predict it perfectly on held-out tokens; heads on layer 0's input alone cannot."""
+    torch.manual_seed(0)
+    train, held = _synthetic_trace(2000, seed=0), _synthetic_trace(300, seed=1)
+    with_context = train_heads(train, lookahead=1, epochs=20, lr=1e-2)
+    without = train_heads(train, lookahead=1, epochs=20, lr=1e-2, context=False)
+    assert _replay(LearnedPredictor(with_context, [0, 1], lookahead=1), held, 300) > 0.99
+    assert _replay(LearnedPredictor(without, [0, 1], lookahead=1), held, 300) < 0.5
+
+
+def test_context_rows_follow_the_sequences():
+    """A decode batch reads its own rows' context; after a prefill of B sequences, each sequence's last
+    prompt row; with nothing recorded yet (or rows that cannot be matched), zeros."""
+    code = torch.eye(8, 4) * 10  # expert e < 4 scores 10 * (previous token's layer-1 input)[e]
+    heads = {(0, 1): Head(torch.zeros(8, 4), torch.zeros(8), context=code)}
+    predictor = LearnedPredictor(heads, [0, 1], lookahead=1)
+    parts = lambda hidden: hidden @ code.T  # noqa: E731  the context parts layer 1 keeps, [T, 8]
+    assert predictor._context(1, 2).abs().sum() == 0
+    prefill = torch.zeros(2 * 3, 4)  # two sequences of three prompt tokens
+    prefill[2, 1] = prefill[5, 3] = 1.0  # the last prompt rows code experts 1 and 3
+    predictor.predict(0, 1, prefill, None)
+    assert torch.equal(predictor._context(1, 2), parts(prefill[[2, 5]]))
+    (pred,) = predictor.predict(1, 0, torch.zeros(1, 4), None)
+    assert pred.experts[0] == 3  # one sequence: the prompt's last row
+    decode = torch.zeros(2, 4)
+    decode[0, 2] = decode[1, 0] = 1.0
+    predictor.predict(2, 1, decode, None)
+    assert torch.equal(predictor._context(1, 2), parts(decode))
+    assert predictor._context(1, 4).abs().sum() == 0  # 2 rows cannot serve 4
+    predictor.begin()
+    assert predictor._context(1, 2).abs().sum() == 0
+
+
+def test_predictor_files_of_another_version_are_refused(recorded, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path, shape = recorded
+    heads = train_heads(load_trace(path), lookahead=1, epochs=1)
+    save_heads(tmp_path / "h.safetensors", heads, {"shape_id": shape})
+    for version in ("1", "9"):
+        save_file(load_file(tmp_path / "h.safetensors"), tmp_path / "old.safetensors",
+                  {"format": "activemoe-predictor", "version": version, "shape_id": shape})
+        with pytest.raises(UserError, match=f"version {version}.*train it again"):
+            load_heads(tmp_path / "old.safetensors", shape)
+
+
+def test_parity_with_learned_heads_single_and_batched(recorded, tmp_path):
+    """Exact parity with context heads in play, for one sequence and a padded batch of two."""
+    from transformers import AutoModelForCausalLM
+
+    from activemoe.config import CacheConfig, PrefetchConfig
+    from tests.test_parity import GEN, PROMPT, _assert_parity
+
+    model_dir, path, shape = recorded
+    heads = train_heads(load_trace(path), lookahead=2, epochs=3, mlp_width=8)
+    save_heads(tmp_path / "h.safetensors", heads, {"shape_id": shape, "model_type": "qwen3_moe"})
+    ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    batch = torch.tensor([[0, 0, 9, 12, 40], PROMPT[0, :5].tolist()])
+    mask = (batch != 0).long()
+    cfg = EngineConfig(cache=CacheConfig(num_slots=6, policy="slru"),
+                       prefetch=PrefetchConfig(predictor="learned", lookahead=2,
+                                               predictor_file=str(tmp_path / "h.safetensors")))
+    with activemoe.load(model_dir, cfg) as eng:
+        _assert_parity(ref_model.generate(PROMPT, **GEN), eng.model.generate(PROMPT, **GEN))
+        _assert_parity(ref_model.generate(batch, attention_mask=mask, **GEN),
+                       eng.model.generate(batch, attention_mask=mask, **GEN))
 
 
 def test_trace_cli_flow_and_bad_input(capsys, recorded, tmp_path):
