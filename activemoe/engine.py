@@ -442,11 +442,12 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     else:
         predictor = _predictor(prefetch, model, experts, store.num_experts)
     runtime = ExpertRuntime(store, loader, predictor,
-                            budget=prefetch.budget or None,
+                            budget=prefetch.budget or top_k,
                             experts_on=config.experts_on, miss_cost=miss_cost, late_miss=late_miss,
                             stream_prefill=prefetch.stream_prefill and prefetch.predictor != "none")
     for layer, module in experts.items():
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
+    model.get_input_embeddings().register_forward_hook(lambda _module, _args, out: runtime.tokens(out))
     if config.cache.first_layer_reserve and prefetch.predictor not in ("none", "oracle") and config.routing == "exact":
         loader.core.reserve_for(store.layers[0], first_layer_reserve(num_slots, prefetch.lookahead,
                                                                      prefetch.budget or top_k))
@@ -491,8 +492,7 @@ def _learned(prefetch: PrefetchConfig, model, layers: list[int], num_experts: in
     sidecar = Path(prefetch.predictor_file) if prefetch.predictor_file else Path(c.name_or_path) / SIDECAR
     if not required and not sidecar.is_file():
         return None
-    return LearnedPredictor(load_heads(sidecar, _shape_id(c, layers, num_experts)), layers, prefetch.lookahead,
-                            device=next(model.parameters()).device)
+    return LearnedPredictor(load_heads(sidecar, _shape_id(c, layers, num_experts)), layers, prefetch.lookahead)
 
 
 def _shape_id(config, layers: list[int], num_experts: int) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from activemoe.predictors import Predictor
+from activemoe.predictors import TOKENS, Predictor
 from activemoe.trace import Trace
 
 
@@ -47,12 +47,15 @@ def evaluate(trace: Trace, predictor: Predictor, budget: int, max_tokens: int | 
     score = PredictorScore(predictor.name, budget)
     layers = trace.layers
     predictor.begin()  # one generation: a predictor may carry state from token to token
-    for n, rows in enumerate(trace.by_token().values()):
+    sees_tokens = getattr(predictor, "sees_tokens", False) and trace.tokens is not None
+    for n, (token, rows) in enumerate(trace.by_token().items()):
         if max_tokens is not None and n >= max_tokens:
             break
         inputs = [(n * len(layers) + i, layer, trace.hidden[rows[layer]:rows[layer] + 1] if trace.hidden is not None
                    else torch.zeros(1, 1), trace.experts[rows[layer]:rows[layer] + 1].long())
                   for i, layer in enumerate(layers) if layer in rows]  # what the runtime already holds
+        if sees_tokens:  # before the first MoE layer: the token's embedding
+            inputs.insert(0, (n * len(layers) - 1, TOKENS, trace.tokens[token:token + 1], None))
         start = time.perf_counter()  # the predictor's own time: its calls, as the runtime makes them
         predictions = [predictor.predict(*args) for args in inputs]
         score.seconds += time.perf_counter() - start

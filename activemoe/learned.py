@@ -13,13 +13,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
 from activemoe.errors import UserError
 from activemoe.families import RouterParts
-from activemoe.predictors import Prediction, pregate_weights
+from activemoe.predictors import TOKENS, Prediction, pregate_weights
 from activemoe.atomic import save_safetensors_atomic
 from activemoe.trace import Trace
 
@@ -44,15 +45,17 @@ _TENSORS = ("weight", "bias", "context", "mlp_in", "mlp_in_bias", "mlp_out", "ml
 
 def pairs(trace: Trace, lookahead: int) -> dict[tuple[int, int], tuple[list[int], list[int], list[int]]]:
     """(source layer, k) -> (source rows, target rows, context rows) over tokens that reach both layers;
-    a context row is the previous token's row at the target layer, or -1 when there is none."""
-    layers = trace.layers
+    a context row is the previous token's row at the target layer, or -1 when there is none. Source
+    TOKENS (when the trace has token embeddings) reads rows of `trace.tokens`, the others of `hidden`."""
+    sources = ([TOKENS] if trace.tokens is not None else []) + trace.layers
     by_token = trace.by_token()
     out: dict[tuple[int, int], tuple[list[int], list[int], list[int]]] = {}
     for token, rows in by_token.items():
         previous = by_token.get(token - 1, {})
-        for i, src in enumerate(layers):
+        rows = {**rows, TOKENS: token}
+        for i, src in enumerate(sources):
             for k in range(1, lookahead + 1):
-                if i + k < len(layers) and src in rows and (dst := layers[i + k]) in rows:
+                if i + k < len(sources) and src in rows and (dst := sources[i + k]) in rows:
                     a, b, c = out.setdefault((src, k), ([], [], []))
                     a.append(rows[src])
                     b.append(rows[dst])
@@ -78,13 +81,14 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
     heads: Heads = {}
     jobs = pairs(trace, lookahead)
     for n, ((src, k), (src_rows, dst_rows, ctx_rows)) in enumerate(sorted(jobs.items())):
-        x = trace.hidden[src_rows].float()  # [N, H]
+        x = (trace.tokens if src == TOKENS else trace.hidden)[src_rows].float()  # [N, H]
         if context:
             x = torch.cat([x, context_rows(trace.hidden, ctx_rows)], 1)  # [N, 2H]
         y = torch.zeros(len(dst_rows), E).scatter_(1, trace.experts[dst_rows].long(), 1.0)  # [N, E] multi-hot
         y = y / y.sum(-1, keepdim=True)
-        dst = layers[layers.index(src) + k]
-        w, b = pregate_weights(routers, src, dst) if routers else (torch.zeros(E, H), torch.zeros(E))
+        dst = layers[layers.index(src) + k] if src != TOKENS else layers[k - 1]
+        w, b = (pregate_weights(routers, src, dst) if routers and src != TOKENS  # embeddings have no pre-gate
+                else (torch.zeros(E, H), torch.zeros(E)))
         w = torch.cat([w, torch.zeros(E, D - H)], 1)  # [E, D]: the context starts with no say
         params = [w.requires_grad_(), b.requires_grad_()]
         if mlp_width:
@@ -157,12 +161,13 @@ class LearnedPredictor:
 
     name = "learned"
 
-    def __init__(self, heads: Heads, layers: list[int], lookahead: int, device: torch.device | str = "cpu"):
+    def __init__(self, heads: Heads, layers: list[int], lookahead: int):
         if len({h.context is None for h in heads.values()}) > 1:
             raise UserError("the predictor file mixes heads with and without context")
-        layers = sorted(layers)
+        layers = [TOKENS] + sorted(layers)  # TOKENS: the token embeddings, before the first MoE layer
         own = {src: [(dst, heads[(src, k)]) for k, dst in enumerate(layers[i + 1:i + 1 + lookahead], start=1)
                      if (src, k) in heads] for i, src in enumerate(layers)}  # source -> [(target, head)]
+        self.sees_tokens = bool(own[TOKENS])
         into: dict[int, list[tuple[int, Head]]] = {}  # target -> [(source, head)] that read its context
         for src, items in own.items():
             for dst, h in items:
@@ -189,10 +194,10 @@ class LearnedPredictor:
                 rows += [h.context] + ([h.mlp_in_context] if _mlp_width(h) else [])
                 bias.append(torch.zeros(h.bias.shape[0] + _mlp_width(h)))
             if rows:
-                self.weight[layer] = torch.cat(rows).T.contiguous().to(device)  # [H, P + C]
-                self.bias[layer] = torch.cat(bias).to(device)
+                self.weight[layer] = torch.cat(rows).T.contiguous().numpy()  # [H, P + C]
+                self.bias[layer] = torch.cat(bias).numpy()
             if items and all(_mlp_width(h) for _, h in items):
-                self.mlp[layer] = torch.block_diag(*[h.mlp_out.T for _, h in items]).contiguous().to(device)  # [nM, nE]
+                self.mlp[layer] = torch.block_diag(*[h.mlp_out.T for _, h in items]).contiguous().numpy()  # [nM, nE]
             if items and into:
                 base, lin, hid = 0, [], []
                 for dst, h in items:
@@ -200,7 +205,7 @@ class LearnedPredictor:
                     lin += range(start, start + E)
                     hid += range(start + E, start + E + _mlp_width(h))
                     base += self.context_width[dst]
-                self.perm[layer] = torch.tensor(lin + hid, device=device)
+                self.perm[layer] = np.array(lin + hid)
         self.context: dict[int, torch.Tensor] = {}  # layer -> context parts [T', C] computed at the previous step
 
     def begin(self) -> None:
@@ -210,34 +215,37 @@ class LearnedPredictor:
         weight = self.weight.get(layer)
         if weight is None:
             return []
-        x = hidden.float()  # [T, H]
-        y = torch.addmm(self.bias[layer], x, weight)  # [T, P + C]
+        x = hidden.detach().float().cpu().numpy()  # [T, H]
+        y = x @ weight  # [T, P + C]
+        y += self.bias[layer]
         P, targets = self.own_width[layer], self.targets[layer]
         if layer in self.context_width:
             self.context[layer] = y[:, P:]
         if not targets:
             return []
+        own = y[:, :P]
         if layer in self.perm:  # + the context parts the targets kept at the previous step
             parts = [self._context(t, x.shape[0]) for t in targets]
-            y.narrow(1, 0, P).add_((torch.cat(parts, 1) if len(parts) > 1 else parts[0]).index_select(1, self.perm[layer]))
+            own += (np.concatenate(parts, 1) if len(parts) > 1 else parts[0])[:, self.perm[layer]]
         n, lin = len(targets), self.lin_width[layer]
+        logits = own[:, :lin]  # [T, n*E]
         if layer in self.mlp:
-            logits, hid, _ = y.split([lin, P - lin, y.shape[1] - P], 1)  # [T, n*E], [T, n*M], [T, C]
-            logits = torch.addmm(logits, F.silu(hid), self.mlp[layer])
-        else:
-            logits = y[:, :lin]
-        probs = logits.view(n, -1).softmax(-1) if x.shape[0] == 1 else (  # decode: one token
-            logits.reshape(x.shape[0], n, -1).softmax(-1).amax(0))  # [n, E]
-        values, experts = probs.sort(-1, descending=True)
+            hid = own[:, lin:]  # [T, n*M]
+            logits = logits + (hid * (0.5 + 0.5 * np.tanh(0.5 * hid))) @ self.mlp[layer]  # + silu(hid) W2
+        logits = logits.reshape(x.shape[0], n, -1)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs = (probs / probs.sum(-1, keepdims=True)).max(0)  # [n, E]: over the rows
+        experts = np.argsort(-probs, axis=-1, kind="stable")
+        values = -np.sort(-probs, axis=-1)
         return [Prediction(k, target, tuple(e), tuple(v))
                 for k, (target, e, v) in enumerate(zip(targets, experts.tolist(), values.tolist()), start=1)]
 
-    def _context(self, layer: int, rows: int) -> torch.Tensor:
+    def _context(self, layer: int, rows: int) -> np.ndarray:
         """The previous step's context parts at `layer`, one row per current row: the same rows for a batch
         of decode steps, each sequence's last prompt row after a prefill, zeros when there are none."""
         c = self.context.get(layer)
         if c is None or (c.shape[0] != rows and c.shape[0] % rows):
-            return self.bias[layer].new_zeros((rows, self.context_width[layer]))
+            return np.zeros((rows, self.context_width[layer]), np.float32)
         return c if c.shape[0] == rows else c[c.shape[0] // rows - 1::c.shape[0] // rows]
 
 

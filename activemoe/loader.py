@@ -64,6 +64,13 @@ class Loader:
                 self._notify()
         return ready, waiting
 
+    def ahead(self, predicted: list[tuple[ExpertId, int, float]]) -> None:
+        """Queue predictions made between layers (from the token embeddings)."""
+        with self.cond:
+            self.core.ahead(predicted)
+            if self.scheduler.tasks:
+                self._notify()
+
     def wait_any(self, pending: set[ExpertId]) -> tuple[ExpertId, int]:
         """Block until one pending expert is READY; returns it pinned for the caller."""
         start = time.perf_counter()

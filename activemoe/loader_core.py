@@ -47,13 +47,17 @@ class LoaderCore:
                 self.failed.pop(eid, None)
                 self.scheduler.require(eid, event)
                 waiting.append(eid)
+        self.ahead(predicted)
+        self.start_critical()
+        return ready, waiting
+
+    def ahead(self, predicted: list[tuple[ExpertId, int, float]]) -> None:
+        """Queue predictions (expert, due event, probability); a resident one is protected until due."""
         for eid, due, prob in predicted:
             if self.cache.slot_of(eid) is not None and eid not in self.scheduler.tasks:
                 self.scheduler.protect(eid, due)
             else:
                 self.scheduler.speculate(eid, due, prob)
-        self.start_critical()
-        return ready, waiting
 
     def reserve_for(self, layer: int | None, slots: int) -> None:
         """Keep up to `slots` of `layer`'s experts from eviction by other loads (0 or None: off)."""

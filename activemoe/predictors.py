@@ -2,7 +2,9 @@
 next `lookahead` MoE-layer events with a score each. They know nothing about memory.
 
 Events count MoE-layer forward calls within one generation (layer order, then token steps).
-Predictors other than the oracle look ahead within the current token's step only.
+Predictors other than the oracle look ahead within the current token's step only. A predictor whose
+`sees_tokens` is true is also called before the first MoE layer of each forward, with layer TOKENS
+and the token embeddings: its distance k then names the k-th MoE layer of that step.
 Legend: T tokens, K routed per token, H hidden, E experts.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from activemoe.families import RouterParts
 from activemoe.ids import ExpertId
 
 Routing = tuple[int, tuple[int, ...]]  # (decoder layer, sorted routed expert ids) of one MoE-layer event
+TOKENS = -1  # the source "layer" of predictions made from the token embeddings, before the first MoE layer
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,12 @@ class Announcer:
             for distance, named in named_at.items():
                 hit, total = self.recall.get(distance, (0, 0))
                 self.recall[distance] = (hit + len(named.intersection(routed)), total + len(routed))
-        budget = self.budget or top_k
         for due in [d for d in self.sent if d <= event]:
             del self.sent[due]
+        return self.ahead(event, predictions, self.budget or top_k)
+
+    def ahead(self, event: int, predictions: list[Prediction], budget: int) -> list[tuple[ExpertId, int, float]]:
+        """The requests for predictions made at `event` (-1 + the first MoE layer's event, for TOKENS)."""
         out = []
         for p in predictions:
             experts = p.experts[:budget if p.budget is None else p.budget]

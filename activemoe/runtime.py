@@ -17,7 +17,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 
 from activemoe.ids import ExpertId
 from activemoe.loader import Loader
-from activemoe.predictors import Announcer, NoPredictor, Prediction, Predictor
+from activemoe.predictors import TOKENS, Announcer, NoPredictor, Prediction, Predictor
 from activemoe.store import ExpertStore
 
 IMPLEMENTATION = "activemoe"
@@ -110,8 +110,7 @@ def grouped_forward(module, weights: dict[str, torch.Tensor], num: int, hidden: 
 
 
 class ExpertRuntime:
-    def __init__(self, store: ExpertStore, loader: Loader, predictor: Predictor | None = None,
-                 budget: int | None = None, experts_on: str = "device", miss_cost: MissCostModel | None = None,
+    def __init__(self, store: ExpertStore, loader: Loader, predictor: Predictor | None, budget: int, experts_on: str = "device", miss_cost: MissCostModel | None = None,
                  late_miss=None, stream_prefill: bool = True):
         self.store, self.loader = store, loader
         self.late_miss = late_miss  # a compressed.Int4Substitute, or None
@@ -122,6 +121,7 @@ class ExpertRuntime:
         self.recorder = None  # a trace.Recorder, called with every layer's routing (and hidden state)
         self.event = 0
         self.decoding = False  # set by the engine once the prompt's forward is done
+        self.budget = budget  # predicted experts per target layer (the model's top-k unless configured)
         self.announce = Announcer(budget)  # predictions -> loader requests, and live recall
 
     def begin(self) -> None:
@@ -198,6 +198,16 @@ class ExpertRuntime:
             self.loader.abandon(pending)
             raise
         return out
+
+    def tokens(self, hidden: torch.Tensor) -> None:
+        """A forward's token embeddings ([B, S, H]), before its first MoE layer: recorded, and handed to a
+        predictor that sees tokens, whose loads then start before the first MoE layer's attention."""
+        x = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
+        if self.recorder is not None:
+            self.recorder.tokens(x)
+        if getattr(self.predictor, "sees_tokens", False) and self.experts_on != "host":
+            predictions = self.predictor.predict(self.event - 1, TOKENS, x, None)
+            self.loader.ahead(self.announce.ahead(self.event - 1, predictions, self.budget))
 
     def _streamed(self, layer: int, predictions: list[Prediction]) -> list[Prediction]:
         """Prefill streaming: a long prompt routes to nearly every expert, so the next MoE layer's experts

@@ -7,6 +7,8 @@ A trace is one safetensors file (written to a temp file, then renamed). Tensors,
   experts [N, K] int32 routed expert ids, in the router's order
   weights [N, K] float32 routing weights
   hidden  [N, H] float16 (optional) the MoE input of that layer for that token
+and, with hidden, one row per token:
+  tokens  [T, H] float16 (optional) the token's embedding, the input of the first decoder layer
 Metadata (strings): format="activemoe-trace", version="1", model_type, num_experts, top_k,
 hidden_size, layers (JSON list of the MoE layers), shape_id (a digest of the model's shape).
 It knows nothing about policies.
@@ -44,6 +46,7 @@ class Trace:
     weights: torch.Tensor  # [N, K]
     hidden: torch.Tensor | None  # [N, H]
     meta: dict[str, str]
+    tokens: torch.Tensor | None = None  # [T, H] token embeddings, row = token index
 
     @property
     def layers(self) -> list[int]:
@@ -57,6 +60,8 @@ class Trace:
         tensors = {"layer": self.layer, "token": self.token, "experts": self.experts, "weights": self.weights}
         if self.hidden is not None:
             tensors["hidden"] = self.hidden
+        if self.tokens is not None:
+            tensors["tokens"] = self.tokens
         save_safetensors_atomic(tensors, path, self.meta)
 
     def check_model(self, expected_shape_id: str) -> None:
@@ -91,7 +96,8 @@ def load_trace(path: str | os.PathLike) -> Trace:
     missing = {"layer", "token", "experts", "weights"} - set(tensors)
     if missing:
         raise UserError(f"{path} lacks {sorted(missing)}; the trace is damaged")
-    return Trace(tensors["layer"], tensors["token"], tensors["experts"], tensors["weights"], tensors.get("hidden"), meta)
+    return Trace(tensors["layer"], tensors["token"], tensors["experts"], tensors["weights"], tensors.get("hidden"), meta,
+                 tensors.get("tokens"))
 
 
 class Recorder:
@@ -102,6 +108,12 @@ class Recorder:
         self.rows: list[tuple] = []
         self.base = 0  # token index of row 0 of the current forward
         self._width = 0
+        self.embedded: list[torch.Tensor] = []  # [T, H] per forward, with keep_hidden
+
+    def tokens(self, hidden: torch.Tensor) -> None:
+        """A forward's token embeddings [T, H], before its first MoE layer."""
+        if self.keep_hidden:
+            self.embedded.append(hidden.detach().half().cpu())
 
     def __call__(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if layer == self.first_layer:
@@ -119,7 +131,8 @@ class Recorder:
         layer = torch.cat([torch.full((t.shape[0],), l, dtype=torch.int32) for l, t, *_ in self.rows])
         hidden = torch.cat([r[4] for r in self.rows]) if self.keep_hidden else None
         return Trace(layer, torch.cat([r[1] for r in self.rows]), torch.cat([r[2] for r in self.rows]),
-                     torch.cat([r[3] for r in self.rows]), hidden, {**meta, "format": FORMAT, "version": VERSION})
+                     torch.cat([r[3] for r in self.rows]), hidden, {**meta, "format": FORMAT, "version": VERSION},
+                     torch.cat(self.embedded) if self.embedded else None)
 
 
 def split_texts(model_dir: Path, split: str) -> list[str]:

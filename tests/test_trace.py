@@ -9,6 +9,7 @@ import activemoe.tiny
 from activemoe.cli import main
 from activemoe.config import EngineConfig
 from activemoe.errors import UserError
+from activemoe.predictors import TOKENS
 from activemoe.learned import Head, LearnedPredictor, load_heads, save_heads, train_heads
 from activemoe.trace import load_trace
 from tests.test_cli import assert_user_error
@@ -33,6 +34,7 @@ def test_trace_round_trip(recorded):
     assert trace.meta["version"] == "1" and trace.layers == [0, 1, 2]
     assert trace.layer.shape[0] == trace.experts.shape[0] == 4 * 40 * 3 and trace.experts.shape[1] == 2
     assert trace.hidden.shape == (480, 32) and int(trace.token.max()) == 159
+    assert trace.tokens.shape == (160, 32)  # one embedding per token
     trace.check_model(shape)
     assert not list(path.parent.glob(".*.tmp")), "the temp file was left behind"
 
@@ -62,7 +64,7 @@ def test_learned_heads_fit_and_predict(recorded, tmp_path):
     _, path, shape = recorded
     trace = load_trace(path)
     heads = train_heads(trace, lookahead=2, epochs=40, lr=1e-2)
-    assert set(heads) == {(0, 1), (0, 2), (1, 1)}
+    assert set(heads) == {(TOKENS, 1), (TOKENS, 2), (0, 1), (0, 2), (1, 1)}  # TOKENS: from the embeddings
     save_heads(tmp_path / "p.safetensors", heads, {"shape_id": shape, "model_type": "qwen3_moe"})
     loaded = load_heads(tmp_path / "p.safetensors", shape)
     predictor = LearnedPredictor(loaded, [0, 1, 2], lookahead=2)
@@ -126,27 +128,54 @@ def test_context_heads_learn_what_only_the_previous_token_knows():
     assert _replay(LearnedPredictor(without, [0, 1], lookahead=1), held, 300) < 0.5
 
 
+def test_token_heads_predict_the_first_layer_from_the_embedding():
+    """Layer 0 routes to the pair a token's embedding codes: heads on the embeddings (source TOKENS,
+    called before the first MoE layer) predict it perfectly; within-token heads cannot reach layer 0."""
+    from activemoe.trace import Trace
+
+    def trace(tokens, seed):
+        gen = torch.Generator().manual_seed(seed)
+        pair = torch.randint(0, 4, (tokens,), generator=gen)
+        embedded = torch.randn(tokens, 8, generator=gen) * 0.1
+        embedded[torch.arange(tokens), pair] += 3.0
+        experts = torch.stack([torch.stack([pair * 2, pair * 2 + 1], -1), torch.randint(0, 8, (tokens, 2), generator=gen)], 1)
+        meta = {"layers": "[0, 1]", "num_experts": "8", "top_k": "2", "hidden_size": "8", "shape_id": "s"}
+        return Trace(torch.tensor([0, 1] * tokens, dtype=torch.int32), torch.arange(tokens).repeat_interleave(2),
+                     experts.reshape(-1, 2).int(), torch.full((2 * tokens, 2), 0.5),
+                     torch.randn(2 * tokens, 8, generator=gen).half(), meta, embedded.half())
+
+    torch.manual_seed(0)
+    heads = train_heads(trace(2000, 0), lookahead=1, epochs=20, lr=1e-2)
+    assert set(heads) == {(TOKENS, 1), (0, 1)}
+    predictor = LearnedPredictor(heads, [0, 1], lookahead=1)
+    assert predictor.sees_tokens
+    from activemoe.evaluation import evaluate
+
+    score = evaluate(trace(300, 1), predictor, budget=2)
+    assert score.recall(1, layer=0) == 1.0
+
+
 def test_context_rows_follow_the_sequences():
     """A decode batch reads its own rows' context; after a prefill of B sequences, each sequence's last
     prompt row; with nothing recorded yet (or rows that cannot be matched), zeros."""
     code = torch.eye(8, 4) * 10  # expert e < 4 scores 10 * (previous token's layer-1 input)[e]
     heads = {(0, 1): Head(torch.zeros(8, 4), torch.zeros(8), context=code)}
     predictor = LearnedPredictor(heads, [0, 1], lookahead=1)
-    parts = lambda hidden: hidden @ code.T  # noqa: E731  the context parts layer 1 keeps, [T, 8]
-    assert predictor._context(1, 2).abs().sum() == 0
+    parts = lambda hidden: (hidden @ code.T).numpy()  # noqa: E731  the context parts layer 1 keeps, [T, 8]
+    assert not predictor._context(1, 2).any()
     prefill = torch.zeros(2 * 3, 4)  # two sequences of three prompt tokens
     prefill[2, 1] = prefill[5, 3] = 1.0  # the last prompt rows code experts 1 and 3
     predictor.predict(0, 1, prefill, None)
-    assert torch.equal(predictor._context(1, 2), parts(prefill[[2, 5]]))
+    assert (predictor._context(1, 2) == parts(prefill[[2, 5]])).all()
     (pred,) = predictor.predict(1, 0, torch.zeros(1, 4), None)
     assert pred.experts[0] == 3  # one sequence: the prompt's last row
     decode = torch.zeros(2, 4)
     decode[0, 2] = decode[1, 0] = 1.0
     predictor.predict(2, 1, decode, None)
-    assert torch.equal(predictor._context(1, 2), parts(decode))
-    assert predictor._context(1, 4).abs().sum() == 0  # 2 rows cannot serve 4
+    assert (predictor._context(1, 2) == parts(decode)).all()
+    assert not predictor._context(1, 4).any()  # 2 rows cannot serve 4
     predictor.begin()
-    assert predictor._context(1, 2).abs().sum() == 0
+    assert not predictor._context(1, 2).any()
 
 
 def test_predictor_files_of_another_version_are_refused(recorded, tmp_path):
@@ -179,7 +208,11 @@ def test_parity_with_learned_heads_single_and_batched(recorded, tmp_path):
                        prefetch=PrefetchConfig(predictor="learned", lookahead=2,
                                                predictor_file=str(tmp_path / "h.safetensors")))
     with activemoe.load(model_dir, cfg) as eng:
+        early = []  # loads requested from the token embeddings, before the first MoE layer
+        ahead = eng.runtime.loader.ahead
+        eng.runtime.loader.ahead = lambda requests: (early.extend(requests), ahead(requests))
         _assert_parity(ref_model.generate(PROMPT, **GEN), eng.model.generate(PROMPT, **GEN))
+        assert {eid.layer for eid, _, _ in early} == {0, 1}
         _assert_parity(ref_model.generate(batch, attention_mask=mask, **GEN),
                        eng.model.generate(batch, attention_mask=mask, **GEN))
 
