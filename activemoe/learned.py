@@ -1,7 +1,9 @@
 """Learned lookahead heads: one head per (source MoE layer, distance k), predicting the experts routed
 k MoE layers later from two inputs the runtime already holds when the source layer routes: the
 source layer's MoE input for this token, and the *target* layer's MoE input for the previous token
-(its context: consecutive tokens route alike, and that state was computed one step earlier). A head
+(its context: consecutive tokens route alike, and that state was computed one step earlier). Heads
+from source TOKENS read the token embeddings instead, so the first MoE layers are predicted before
+layer 0's attention runs (no within-token source reaches the first MoE layer). A head
 is a linear map, initialised from the pre-gate (the target router with the norm ratio folded in)
 when the model is given, plus an optional residual MLP (width M, starting at zero, so training
 starts from the pre-gate). Trained on a trace, saved as a safetensors sidecar tied to the model's
