@@ -104,9 +104,9 @@ class TimingStreamer:
     records each step's time and `bytes_moved()`, calls `on_first` once the prompt is done."""
 
     def __init__(self, on_token: Callable[[int], None] | None = None, bytes_moved: Callable[[], int] = lambda: 0,
-                 on_first: Callable[[], None] = lambda: None):
+                 on_first: Callable[[], None] = lambda: None, on_step: Callable[[torch.Tensor], None] = lambda _: None):
         self.on_token, self.times, self.bytes, self._prompt_seen = on_token, [], [], False
-        self.bytes_moved, self.on_first = bytes_moved, on_first
+        self.bytes_moved, self.on_first, self.on_step = bytes_moved, on_first, on_step
         self.start = time.perf_counter()
 
     def put(self, value: torch.Tensor) -> None:
@@ -117,6 +117,7 @@ class TimingStreamer:
         self.bytes.append(self.bytes_moved())
         if len(self.times) == 1:
             self.on_first()
+        self.on_step(value)
         if self.on_token:
             for token in value.reshape(-1).tolist():
                 self.on_token(token)
@@ -264,8 +265,14 @@ class Engine:
         for stats in (self.runtime.stats, loader.stats, loader.cache.stats, loader.scheduler.stats):
             stats.get_and_reset()
         self.runtime.recall_and_reset()
+        embed = self.model.get_input_embeddings()
+
+        def sampled(tokens: torch.Tensor) -> None:  # the next step's tokens [B]: its token stage starts now
+            if len(streamer.times) < max_new_tokens and getattr(self.runtime.predictor, "sees_tokens", False):
+                self.runtime.tokens(embed(tokens.to(self.device)))
+
         streamer = TimingStreamer(on_token, lambda: loader.stats.bytes_moved + self.runtime.stats.late_miss_bytes,
-                                   on_first=lambda: setattr(self.runtime, "decoding", True))
+                                   on_first=lambda: setattr(self.runtime, "decoding", True), on_step=sampled)
         out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, streamer=streamer, **kwargs)
         rt, ld = self.runtime.stats.get_and_reset(), loader.stats.get_and_reset()
         cs, ss = loader.cache.stats.get_and_reset(), loader.scheduler.stats.get_and_reset()

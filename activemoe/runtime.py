@@ -120,6 +120,7 @@ class ExpertRuntime:
         self.stats = RuntimeStats()
         self.recorder = None  # a trace.Recorder, called with every layer's routing (and hidden state)
         self.event = 0
+        self._tokens_at = None
         self.decoding = False  # set by the engine once the prompt's forward is done
         self.budget = budget  # predicted experts per target layer (the model's top-k unless configured)
         self.announce = Announcer(budget)  # predictions -> loader requests, and live recall
@@ -127,6 +128,7 @@ class ExpertRuntime:
     def begin(self) -> None:
         """A new generation: events restart at 0."""
         self.event = 0
+        self._tokens_at = None  # the event before which the current token embeddings were handed over
         self.decoding = False
         self.announce.begin()
         self.predictor.begin()
@@ -202,6 +204,9 @@ class ExpertRuntime:
     def tokens(self, hidden: torch.Tensor) -> None:
         """A forward's token embeddings ([B, S, H]), before its first MoE layer: recorded, and handed to a
         predictor that sees tokens, whose loads then start before the first MoE layer's attention."""
+        if self._tokens_at == self.event:  # already handed over, when the token was sampled
+            return
+        self._tokens_at = self.event
         x = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
         if self.recorder is not None:
             self.recorder.tokens(x)

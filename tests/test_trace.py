@@ -7,7 +7,7 @@ import torch
 import activemoe
 import activemoe.tiny
 from activemoe.cli import main
-from activemoe.config import EngineConfig
+from activemoe.config import EngineConfig, SamplingConfig
 from activemoe.errors import UserError
 from activemoe.predictors import TOKENS
 from activemoe.learned import Head, LearnedPredictor, load_heads, save_heads, train_heads
@@ -213,6 +213,12 @@ def test_parity_with_learned_heads_single_and_batched(recorded, tmp_path):
         eng.runtime.loader.ahead = lambda requests: (early.extend(requests), ahead(requests))
         _assert_parity(ref_model.generate(PROMPT, **GEN), eng.model.generate(PROMPT, **GEN))
         assert {eid.layer for eid, _, _ in early} == {0, 1}
+        calls = []  # token-stage predictions: once per forward, from the sampled token (else the embedding hook)
+        predict = eng.runtime.predictor.predict
+        eng.runtime.predictor.predict = lambda e, layer, *a: (calls.append(e) if layer == TOKENS else None,
+                                                               predict(e, layer, *a))[1]
+        out = eng.generate(PROMPT[0].tolist(), max_new_tokens=6, sampling=SamplingConfig(do_sample=False))
+        assert len(out.token_ids) == 6 and calls == [-1, 2, 5, 8, 11, 14]  # 3 MoE layers per forward
         _assert_parity(ref_model.generate(batch, attention_mask=mask, **GEN),
                        eng.model.generate(batch, attention_mask=mask, **GEN))
 
