@@ -283,15 +283,22 @@ class AdaptivePredictor:
         hit, total = self.hits.get((name, layer, k), (0, 0))
         return hit / total if total >= self.warmup * self.top_k else 0.5  # an uninformed prior until measured
 
+    @property
+    def sees_tokens(self) -> bool:
+        return any(getattr(c, "sees_tokens", False) for c in self.components)
+
     def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
-        if top_k_index.shape[0] == 1:  # score what the components named for this layer (decode steps)
+        components = self.components
+        if layer == TOKENS:
+            components = [c for c in components if getattr(c, "sees_tokens", False)]
+        elif top_k_index.shape[0] == 1:  # score what the components named for this layer (decode steps)
             routed = set(top_k_index[0].tolist())
             for name, k, named in self._pending.pop(layer, []):
                 entry = self.hits.setdefault((name, layer, k), [0, 0])
                 entry[0] += len(named & routed)
                 entry[1] += len(routed)
         by_target: dict[tuple[int, int], list[tuple[str, Prediction]]] = {}
-        for c in self.components:
+        for c in components:
             for p in c.predict(event, layer, hidden, top_k_index):
                 by_target.setdefault((p.layer, p.distance), []).append((c.name, p))
                 self._pending.setdefault(p.layer, []).append((c.name, p.distance, set(p.experts[:self.top_k])))

@@ -140,3 +140,22 @@ def test_parity_with_the_first_layer_reserve(checkpoint, family):
     for other in (off, oracle):
         with activemoe.load(model_dir, other) as eng:
             assert eng.runtime.loader.core.reserve == 0
+
+
+def test_adaptive_passes_the_token_stage_to_components_that_see_tokens():
+    from activemoe.predictors import TOKENS, AdaptivePredictor
+
+    class Tokens(_Fixed):
+        sees_tokens = True
+
+        def predict(self, event, layer, hidden, top_k_index):
+            from activemoe.predictors import Prediction
+
+            return [Prediction(1, 0, self.experts, self.probs)] if layer == TOKENS else []
+
+    blind = _Fixed("blind", (6, 7), (0.5, 0.5))
+    assert not AdaptivePredictor([blind], top_k=2).sees_tokens
+    adaptive = AdaptivePredictor([blind, Tokens("tokens", (3, 4), (0.5, 0.5))], top_k=2, min_recall=0.0)
+    assert adaptive.sees_tokens
+    (pred,) = adaptive.predict(-1, TOKENS, torch.zeros(1, 4), None)
+    assert (pred.layer, pred.distance, set(pred.experts)) == (0, 1, {3, 4})
