@@ -64,6 +64,11 @@ def predictors() -> str:
     for name, p in r["predictors"].items():
         recall = " | ".join(f"{p['recall'][k]:.3f}" for k in ("1", "2", "3"))
         lines.append(f"| {name} | {recall} | {100 * p['us_per_token'] / r['decode_step_us']:.1f}% |")
+    first = [name for name, p in r["predictors"].items() if "0" in p["recall_by_layer"]["1"]]
+    if first:  # the first MoE layer is layer 0 here: only a token-stage source reaches it
+        lines.append(f"\n{', '.join(first)}: recall@1 includes the first MoE layer, predicted from the token "
+                     f"embeddings (recall {r['predictors'][first[0]]['recall_by_layer']['1']['0']:.3f}); the "
+                     "other targets are predicted from the MoE inputs of earlier layers.")
     return "\n".join(lines) + "\n"
 
 
