@@ -188,12 +188,13 @@ class LearnedPredictor:
         self.perm = {}  # source -> columns of the cat of its targets' context parts, in its own layout
         for layer in layers:
             items = own[layer]
-            rows = [h.weight for _, h in items] + [h.mlp_in for _, h in items if _mlp_width(h)]
-            bias = [h.bias for _, h in items] + [h.mlp_in_bias for _, h in items if _mlp_width(h)]
+            # the MLP's first layer is stored halved (x' = x/2), so silu(x) = x' (1 + tanh x') costs three ops
+            rows = [h.weight for _, h in items] + [h.mlp_in / 2 for _, h in items if _mlp_width(h)]
+            bias = [h.bias for _, h in items] + [h.mlp_in_bias / 2 for _, h in items if _mlp_width(h)]
             self.own_width[layer] = sum(r.shape[0] for r in rows)
             self.lin_width[layer] = sum(h.bias.shape[0] for _, h in items)
             for src, h in into.get(layer, []):
-                rows += [h.context] + ([h.mlp_in_context] if _mlp_width(h) else [])
+                rows += [h.context] + ([h.mlp_in_context / 2] if _mlp_width(h) else [])
                 bias.append(torch.zeros(h.bias.shape[0] + _mlp_width(h)))
             if rows:
                 self.weight[layer] = torch.cat(rows).T.contiguous().numpy()  # [H, P + C]
@@ -208,7 +209,8 @@ class LearnedPredictor:
                     hid += range(start + E, start + E + _mlp_width(h))
                     base += self.context_width[dst]
                 self.perm[layer] = np.array(lin + hid)
-        self.context: dict[int, torch.Tensor] = {}  # layer -> context parts [T', C] computed at the previous step
+        self.context: dict[int, np.ndarray] = {}  # layer -> context parts [T', C] computed at the previous step
+        self._rows = np.arange(lookahead)[:, None]  # row index of a [n, E] gather
 
     def begin(self) -> None:
         self.context.clear()
@@ -217,7 +219,7 @@ class LearnedPredictor:
         weight = self.weight.get(layer)
         if weight is None:
             return []
-        x = hidden.detach().float().cpu().numpy()  # [T, H]
+        x = hidden.detach().numpy(force=True).astype(np.float32, copy=False)  # [T, H]
         y = x @ weight  # [T, P + C]
         y += self.bias[layer]
         P, targets = self.own_width[layer], self.targets[layer]
@@ -232,13 +234,14 @@ class LearnedPredictor:
         n, lin = len(targets), self.lin_width[layer]
         logits = own[:, :lin]  # [T, n*E]
         if layer in self.mlp:
-            hid = own[:, lin:]  # [T, n*M]
-            logits = logits + (hid * (0.5 + 0.5 * np.tanh(0.5 * hid))) @ self.mlp[layer]  # + silu(hid) W2
+            half = own[:, lin:]  # [T, n*M], half the MLP's pre-activation
+            logits = logits + (half * (1.0 + np.tanh(half))) @ self.mlp[layer]  # + silu(2 half) W2
         logits = logits.reshape(x.shape[0], n, -1)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs = (probs / probs.sum(-1, keepdims=True)).max(0)  # [n, E]: over the rows
+        probs /= probs.sum(-1, keepdims=True)
+        probs = probs[0] if x.shape[0] == 1 else probs.max(0)  # [n, E]: over the rows
         experts = np.argsort(-probs, axis=-1, kind="stable")
-        values = -np.sort(-probs, axis=-1)
+        values = probs[self._rows[:n], experts]
         return [Prediction(k, target, tuple(e), tuple(v))
                 for k, (target, e, v) in enumerate(zip(targets, experts.tolist(), values.tolist()), start=1)]
 
