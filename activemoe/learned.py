@@ -79,7 +79,7 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
         raise UserError("the trace has no hidden states; record it with --hidden")
     E, H = trace.num_experts, trace.hidden.shape[1]
     D = 2 * H if context else H  # head input: [source input, context]
-    layers = trace.layers
+    sources = [TOKENS, *trace.layers]
     heads: Heads = {}
     jobs = pairs(trace, lookahead)
     for n, ((src, k), (src_rows, dst_rows, ctx_rows)) in enumerate(sorted(jobs.items())):
@@ -88,7 +88,7 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
             x = torch.cat([x, context_rows(trace.hidden, ctx_rows)], 1)  # [N, 2H]
         y = torch.zeros(len(dst_rows), E).scatter_(1, trace.experts[dst_rows].long(), 1.0)  # [N, E] multi-hot
         y = y / y.sum(-1, keepdim=True)
-        dst = layers[layers.index(src) + k] if src != TOKENS else layers[k - 1]
+        dst = sources[sources.index(src) + k]
         w, b = (pregate_weights(routers, src, dst) if routers and src != TOKENS  # embeddings have no pre-gate
                 else (torch.zeros(E, H), torch.zeros(E)))
         w = torch.cat([w, torch.zeros(E, D - H)], 1)  # [E, D]: the context starts with no say

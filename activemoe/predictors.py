@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from activemoe.errors import UserError
 from activemoe.families import RouterParts
@@ -152,21 +151,14 @@ class OraclePredictor:
 
 class StackedHeads:
     """Per source layer, the linear scorers of its next `lookahead` layers stacked into one matrix, so
-    a prediction costs one matmul, one softmax and one sort per layer (the budget is ~1% of a step).
-    A head may add a residual MLP (logits += W2 gelu(W1 x + b1)), stacked the same way."""
+    a prediction costs one matmul, one softmax and one sort per layer (the budget is ~1% of a step)."""
 
     def __init__(self, heads: dict[int, list[tuple]]):
-        # source layer -> [(target layer, W [E, H], b [E], optional (W1 [M, H], b1 [M], W2 [E, M]))], nearest first
+        # source layer -> [(target layer, W [E, H], b [E])], nearest first
         self.targets = {src: [t for t, *_ in items] for src, items in heads.items()}
         # stored transposed and contiguous, so a prediction is addmm(bias, x, weight) with no view per call
         self.weight = {src: torch.cat([h[1] for h in items]).T.contiguous() for src, items in heads.items() if items}  # [H, k*E]
         self.bias = {src: torch.cat([h[2] for h in items]) for src, items in heads.items() if items}  # [k*E]
-        self.mlp = {}  # source layer -> (W1 [H, k*M], b1 [k*M], W2 block-diagonal [k*M, k*E]) if every head has one
-        for src, items in heads.items():
-            mlps = [h[3] if len(h) > 3 else None for h in items]
-            if items and all(m is not None for m in mlps):
-                self.mlp[src] = (torch.cat([m[0] for m in mlps]).T.contiguous(), torch.cat([m[1] for m in mlps]),
-                                 torch.block_diag(*[m[2] for m in mlps]).T.contiguous())
 
     def predict(self, layer: int, hidden: torch.Tensor) -> list[Prediction]:
         weight = self.weight.get(layer)
@@ -175,9 +167,6 @@ class StackedHeads:
         targets = self.targets[layer]
         x = hidden.float()
         logits = torch.addmm(self.bias[layer], x, weight)  # [T, k*E]
-        if layer in self.mlp:
-            w1, b1, w2 = self.mlp[layer]
-            logits = torch.addmm(logits, F.gelu(torch.addmm(b1, x, w1)), w2)  # + [T, k*M] @ [k*M, k*E]
         probs = logits.view(len(targets), -1).softmax(-1) if x.shape[0] == 1 else (  # decode: one token
             logits.view(x.shape[0], len(targets), -1).softmax(-1).amax(0))  # [k, E]
         values, experts = probs.sort(-1, descending=True)

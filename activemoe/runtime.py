@@ -110,8 +110,9 @@ def grouped_forward(module, weights: dict[str, torch.Tensor], num: int, hidden: 
 
 
 class ExpertRuntime:
-    def __init__(self, store: ExpertStore, loader: Loader, predictor: Predictor | None, budget: int, experts_on: str = "device", miss_cost: MissCostModel | None = None,
-                 late_miss=None, stream_prefill: bool = True):
+    def __init__(self, store: ExpertStore, loader: Loader, predictor: Predictor | None, budget: int,
+                 experts_on: str = "device", miss_cost: MissCostModel | None = None, late_miss=None,
+                 stream_prefill: bool = True):
         self.store, self.loader = store, loader
         self.late_miss = late_miss  # a compressed.Int4Substitute, or None
         self.stream_prefill = stream_prefill  # while the prompt runs, load all of the next MoE layer's experts
@@ -122,8 +123,7 @@ class ExpertRuntime:
         self.event = 0
         self._tokens_at = None
         self.decoding = False  # set by the engine once the prompt's forward is done
-        self.budget = budget  # predicted experts per target layer (the model's top-k unless configured)
-        self.announce = Announcer(budget)  # predictions -> loader requests, and live recall
+        self.announce = Announcer(budget)  # predictions -> loader requests (`budget` per target), live recall
 
     def begin(self) -> None:
         """A new generation: events restart at 0."""
@@ -212,7 +212,7 @@ class ExpertRuntime:
             self.recorder.tokens(x)
         if getattr(self.predictor, "sees_tokens", False) and self.experts_on != "host":
             predictions = self.predictor.predict(self.event - 1, TOKENS, x, None)
-            self.loader.ahead(self.announce.ahead(self.event - 1, predictions, self.budget))
+            self.loader.ahead(self.announce.ahead(self.event - 1, predictions, self.announce.budget))
 
     def _streamed(self, layer: int, predictions: list[Prediction]) -> list[Prediction]:
         """Prefill streaming: a long prompt routes to nearly every expert, so the next MoE layer's experts
