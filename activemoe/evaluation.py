@@ -51,11 +51,12 @@ def evaluate(trace: Trace, predictor: Predictor, budget: int, max_tokens: int | 
     for n, (token, rows) in enumerate(trace.by_token().items()):
         if max_tokens is not None and n >= max_tokens:
             break
-        inputs = [(n * len(layers) + i, layer, trace.hidden[rows[layer]:rows[layer] + 1] if trace.hidden is not None
-                   else torch.zeros(1, 1), trace.experts[rows[layer]:rows[layer] + 1].long())
-                  for i, layer in enumerate(layers) if layer in rows]  # what the runtime already holds
+        # what the runtime already holds (in float32, the bundled model's dtype; traces store float16)
+        inputs = [(n * len(layers) + i, layer, trace.hidden[rows[layer]:rows[layer] + 1].float()
+                   if trace.hidden is not None else torch.zeros(1, 1), trace.experts[rows[layer]:rows[layer] + 1].long())
+                  for i, layer in enumerate(layers) if layer in rows]
         if sees_tokens:  # before the first MoE layer: the token's embedding
-            inputs.insert(0, (n * len(layers) - 1, TOKENS, trace.tokens[token:token + 1], None))
+            inputs.insert(0, (n * len(layers) - 1, TOKENS, trace.tokens[token:token + 1].float(), None))
         start = time.perf_counter()  # the predictor's own time: its calls, as the runtime makes them
         predictions = [predictor.predict(*args) for args in inputs]
         score.seconds += time.perf_counter() - start

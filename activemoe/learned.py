@@ -157,9 +157,11 @@ def load_heads(path: str | os.PathLike, expected_shape_id: str) -> Heads:
 
 
 class LearnedPredictor:
-    """The heads laid out so a layer costs one matmul for everything its input feeds: its own heads'
-    source parts, and the context parts of the heads that target it (kept for the next step, when the
-    earlier layers read them). Legend: n own heads, P their width n*(E+M), C the context width."""
+    """The heads laid out so a call costs one matmul for everything its layer's input feeds: its own
+    heads' source parts, and the context parts of the heads that target it. Context parts land in one
+    buffer per step; at the next step's first call, one gather turns it (plus the biases) into each
+    source's addend, so a call adds one slice. Legend: n own heads, P their width n*(E+M), C the
+    context width at a layer, A the width of all own columns."""
 
     name = "learned"
 
@@ -170,88 +172,109 @@ class LearnedPredictor:
         own = {src: [(dst, heads[(src, k)]) for k, dst in enumerate(layers[i + 1:i + 1 + lookahead], start=1)
                      if (src, k) in heads] for i, src in enumerate(layers)}  # source -> [(target, head)]
         self.sees_tokens = bool(own[TOKENS])
+        self.targets = {src: [dst for dst, _ in items] for src, items in own.items()}
         into: dict[int, list[tuple[int, Head]]] = {}  # target -> [(source, head)] that read its context
         for src, items in own.items():
             for dst, h in items:
                 if h.context is not None:
                     into.setdefault(dst, []).append((src, h))
-        self.targets = {src: [dst for dst, _ in items] for src, items in own.items()}
-        self.weight, self.bias, self.own_width, self.lin_width, self.mlp = {}, {}, {}, {}, {}
-        self.context_width: dict[int, int] = {}
-        at: dict[tuple[int, int], int] = {}  # (source, target) -> column of its context part within the target's
-        for dst, items in into.items():
-            column = 0
-            for src, h in items:
+        at: dict[tuple[int, int], int] = {}  # (source, target) -> its context part's column in the buffer
+        self.context_at: dict[int, tuple[int, int]] = {}  # target -> its context parts' columns [start, end)
+        column = 0
+        for dst in layers:
+            start = column
+            for src, h in into.get(dst, []):
                 at[(src, dst)] = column
                 column += h.bias.shape[0] + _mlp_width(h)
-            self.context_width[dst] = column
-        self.perm = {}  # source -> columns of the cat of its targets' context parts, in its own layout
+            if column > start:
+                self.context_at[dst] = (start, column)
+        self.context_width = column
+        self.weight, self.own_at, self.lin_width, self.mlp = {}, {}, {}, {}
+        perm, bias = [], []  # per own column (all sources): its context column, its bias
         for layer in layers:
             items = own[layer]
             # the MLP's first layer is stored halved (x' = x/2), so silu(x) = x' (1 + tanh x') costs three ops
             rows = [h.weight for _, h in items] + [h.mlp_in / 2 for _, h in items if _mlp_width(h)]
-            bias = [h.bias for _, h in items] + [h.mlp_in_bias / 2 for _, h in items if _mlp_width(h)]
-            self.own_width[layer] = sum(r.shape[0] for r in rows)
-            self.lin_width[layer] = sum(h.bias.shape[0] for _, h in items)
-            for src, h in into.get(layer, []):
-                rows += [h.context] + ([h.mlp_in_context / 2] if _mlp_width(h) else [])
-                bias.append(torch.zeros(h.bias.shape[0] + _mlp_width(h)))
+            rows += [part for _, h in into.get(layer, []) for part in
+                     [h.context] + ([h.mlp_in_context / 2] if _mlp_width(h) else [])]
             if rows:
                 self.weight[layer] = torch.cat(rows).T.contiguous().numpy()  # [H, P + C]
-                self.bias[layer] = torch.cat(bias).numpy()
+            start = len(bias)
+            bias += [b for _, h in items for b in h.bias.tolist()]
+            bias += [b / 2 for _, h in items if _mlp_width(h) for b in h.mlp_in_bias.tolist()]
+            if into:
+                for dst, h in items:
+                    perm += range(at[(layer, dst)], at[(layer, dst)] + h.bias.shape[0])
+                for dst, h in items:
+                    E = h.bias.shape[0]
+                    perm += range(at[(layer, dst)] + E, at[(layer, dst)] + E + _mlp_width(h))
+            self.own_at[layer] = (start, len(bias))
+            self.lin_width[layer] = sum(h.bias.shape[0] for _, h in items)
             if items and all(_mlp_width(h) for _, h in items):
                 self.mlp[layer] = torch.block_diag(*[h.mlp_out.T for _, h in items]).contiguous().numpy()  # [nM, nE]
-            if items and into:
-                base, lin, hid = 0, [], []
-                for dst, h in items:
-                    start, E = base + at[(layer, dst)], h.bias.shape[0]
-                    lin += range(start, start + E)
-                    hid += range(start + E, start + E + _mlp_width(h))
-                    base += self.context_width[dst]
-                self.perm[layer] = np.array(lin + hid)
-        self.context: dict[int, np.ndarray] = {}  # layer -> context parts [T', C] computed at the previous step
+        self.perm, self.bias = np.array(perm, dtype=np.intp), np.array(bias, dtype=np.float32)  # [A]
         self._rows = np.arange(lookahead)[:, None]  # row index of a [n, E] gather
+        self.begin()
 
     def begin(self) -> None:
-        self.context.clear()
+        self.context: np.ndarray | None = None  # [T', C total] context parts, filled as the current step runs
+        self.addend = self.bias[None]  # [T, A] the previous step's context parts in own layout, plus the biases
+        self._last = None  # the last layer called: a call at or before it starts a new step
 
     def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
         weight = self.weight.get(layer)
         if weight is None:
             return []
-        x = hidden.detach().numpy(force=True).astype(np.float32, copy=False)  # [T, H]
+        if hidden.dtype != torch.float32:  # numpy has no bfloat16
+            hidden = hidden.float()
+        x = hidden.numpy(force=True)  # [T, H]
+        if self._last is None or layer <= self._last or x.shape[0] != self.context.shape[0]:
+            self._step(x.shape[0])
+        self._last = layer
         y = x @ weight  # [T, P + C]
-        y += self.bias[layer]
-        P, targets = self.own_width[layer], self.targets[layer]
-        if layer in self.context_width:
-            self.context[layer] = y[:, P:]
+        start, end = self.own_at[layer]
+        if layer in self.context_at:
+            a, b = self.context_at[layer]
+            self.context[:, a:b] = y[:, end - start:]
+        targets = self.targets[layer]
         if not targets:
             return []
-        own = y[:, :P]
-        if layer in self.perm:  # + the context parts the targets kept at the previous step
-            parts = [self._context(t, x.shape[0]) for t in targets]
-            own += (np.concatenate(parts, 1) if len(parts) > 1 else parts[0])[:, self.perm[layer]]
+        own = y[:, :end - start]
+        own += self.addend[:, start:end]
         n, lin = len(targets), self.lin_width[layer]
         logits = own[:, :lin]  # [T, n*E]
         if layer in self.mlp:
             half = own[:, lin:]  # [T, n*M], half the MLP's pre-activation
-            logits = logits + (half * (1.0 + np.tanh(half))) @ self.mlp[layer]  # + silu(2 half) W2
+            silu = np.tanh(half)
+            silu *= half
+            silu += half  # silu(2 half) = half + half tanh(half)
+            logits += silu @ self.mlp[layer]  # + silu(2 half) W2
         logits = logits.reshape(x.shape[0], n, -1)
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        probs = probs[0] if x.shape[0] == 1 else probs.max(0)  # [n, E]: over the rows
-        experts = np.argsort(-probs, axis=-1, kind="stable")
-        values = probs[self._rows[:n], experts]
+        if x.shape[0] == 1:  # decode: rank the logits, then softmax the ranked row
+            logits = logits[0]
+            experts = logits.argsort(-1, kind="stable")[:, ::-1]  # [n, E] best first
+            values = np.sort(logits, -1)[:, ::-1]
+            values = np.exp(values - values[:, :1])
+            values /= np.add.reduce(values, -1, keepdims=True)
+        else:  # several rows: an expert's best probability over them
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs = (probs / probs.sum(-1, keepdims=True)).max(0)  # [n, E]
+            experts = probs.argsort(-1, kind="stable")[:, ::-1]
+            values = probs[self._rows[:n], experts]
         return [Prediction(k, target, tuple(e), tuple(v))
                 for k, (target, e, v) in enumerate(zip(targets, experts.tolist(), values.tolist()), start=1)]
 
-    def _context(self, layer: int, rows: int) -> np.ndarray:
-        """The previous step's context parts at `layer`, one row per current row: the same rows for a batch
-        of decode steps, each sequence's last prompt row after a prefill, zeros when there are none."""
-        c = self.context.get(layer)
-        if c is None or (c.shape[0] != rows and c.shape[0] % rows):
-            return np.zeros((rows, self.context_width[layer]), np.float32)
-        return c if c.shape[0] == rows else c[c.shape[0] // rows - 1::c.shape[0] // rows]
+    def _step(self, rows: int) -> None:
+        """A new step of `rows` rows: the context parts the last step filled become this step's addend, one
+        row per current row (the same rows for a batch of decode steps, each sequence's last prompt row
+        after a prefill, none when they cannot be matched)."""
+        c = self.context
+        if c is not None and self.context_width and (c.shape[0] == rows or c.shape[0] % rows == 0):
+            c = c if c.shape[0] == rows else c[c.shape[0] // rows - 1::c.shape[0] // rows]
+            self.addend = c[:, self.perm] + self.bias  # [rows, A]
+        else:
+            self.addend = self.bias[None]
+        self.context = np.zeros((rows, self.context_width), np.float32)
 
 
 def _mlp_width(head: Head) -> int:

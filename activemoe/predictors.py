@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -24,8 +23,7 @@ Routing = tuple[int, tuple[int, ...]]  # (decoder layer, sorted routed expert id
 TOKENS = -1  # the source "layer" of predictions made from the token embeddings, before the first MoE layer
 
 
-@dataclass(frozen=True)
-class Prediction:
+class Prediction(NamedTuple):  # a tuple: cheap to build, several per MoE layer
     distance: int  # events ahead (1 = the next MoE layer)
     layer: int  # decoder layer of the target event
     experts: tuple[int, ...]  # best first

@@ -157,25 +157,30 @@ def test_token_heads_predict_the_first_layer_from_the_embedding():
 
 def test_context_rows_follow_the_sequences():
     """A decode batch reads its own rows' context; after a prefill of B sequences, each sequence's last
-    prompt row; with nothing recorded yet (or rows that cannot be matched), zeros."""
+    prompt row; with nothing recorded yet (or rows that cannot be matched), none."""
     code = torch.eye(8, 4) * 10  # expert e < 4 scores 10 * (previous token's layer-1 input)[e]
     heads = {(0, 1): Head(torch.zeros(8, 4), torch.zeros(8), context=code)}
     predictor = LearnedPredictor(heads, [0, 1], lookahead=1)
-    parts = lambda hidden: (hidden @ code.T).numpy()  # noqa: E731  the context parts layer 1 keeps, [T, 8]
-    assert not predictor._context(1, 2).any()
+    top = lambda rows: [set(p.experts[:rows]) for p in predictor.predict(0, 0, torch.zeros(rows, 4), None)]  # noqa: E731
+    flat = lambda rows: [p.probs[0] == p.probs[-1] for p in predictor.predict(0, 0, torch.zeros(rows, 4), None)]  # noqa: E731
+    assert flat(1) == [True]  # nothing recorded: every expert scores the same
     prefill = torch.zeros(2 * 3, 4)  # two sequences of three prompt tokens
     prefill[2, 1] = prefill[5, 3] = 1.0  # the last prompt rows code experts 1 and 3
     predictor.predict(0, 1, prefill, None)
-    assert (predictor._context(1, 2) == parts(prefill[[2, 5]])).all()
-    (pred,) = predictor.predict(1, 0, torch.zeros(1, 4), None)
-    assert pred.experts[0] == 3  # one sequence: the prompt's last row
+    assert top(1) == [{3}]  # one sequence: the prompt's last row
+    predictor.predict(0, 1, prefill, None)
+    assert top(2) == [{1, 3}]  # a batch of two: each sequence's last row (the best over both rows)
     decode = torch.zeros(2, 4)
     decode[0, 2] = decode[1, 0] = 1.0
-    predictor.predict(2, 1, decode, None)
-    assert (predictor._context(1, 2) == parts(decode)).all()
-    assert not predictor._context(1, 4).any()  # 2 rows cannot serve 4
+    predictor.predict(0, 1, decode, None)
+    assert top(2) == [{0, 2}]
+    predictor.predict(0, 1, decode.bfloat16(), None)  # a bfloat16 model's states (numpy has no bfloat16)
+    assert top(2) == [{0, 2}]
+    predictor.predict(0, 1, decode, None)
+    assert flat(4) == [True]  # 2 rows cannot serve 4
+    predictor.predict(0, 1, prefill, None)
     predictor.begin()
-    assert not predictor._context(1, 2).any()
+    assert flat(1) == [True]
 
 
 def test_predictor_files_of_another_version_are_refused(recorded, tmp_path):
