@@ -448,16 +448,16 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
                                     router_parts(model, experts))
     else:
         predictor = _predictor(prefetch, model, experts, store.num_experts)
+    per_target = prefetch.budget or top_k  # predicted experts prefetched per target layer
     runtime = ExpertRuntime(store, loader, predictor,
-                            budget=prefetch.budget or top_k,
+                            budget=per_target,
                             experts_on=config.experts_on, miss_cost=miss_cost, late_miss=late_miss,
                             stream_prefill=prefetch.stream_prefill and prefetch.predictor != "none")
     for layer, module in experts.items():
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
     model.get_input_embeddings().register_forward_hook(lambda _module, _args, out: runtime.tokens(out))
     if config.cache.first_layer_reserve and prefetch.predictor not in ("none", "oracle") and config.routing == "exact":
-        loader.core.reserve_for(store.layers[0], first_layer_reserve(num_slots, prefetch.lookahead,
-                                                                     prefetch.budget or top_k))
+        loader.core.reserve_for(store.layers[0], first_layer_reserve(num_slots, prefetch.lookahead, per_target))
     replay = None
     if config.replay_routing:
         replay = ReplayRouting(load_trace(config.replay_routing), store.layers, store.num_experts, top_k)

@@ -149,7 +149,7 @@ class OraclePredictor:
 
 class StackedHeads:
     """Per source layer, the linear scorers of its next `lookahead` layers stacked into one matrix, so
-    a prediction costs one matmul, one softmax and one sort per layer (the budget is ~1% of a step)."""
+    a prediction costs one matmul, one softmax and one sort per layer."""
 
     def __init__(self, heads: dict[int, list[tuple]]):
         # source layer -> [(target layer, W [E, H], b [E])], nearest first
