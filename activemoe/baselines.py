@@ -50,6 +50,7 @@ class RunResult:
     overlap: float | None = None
     reuse: float | None = None
     prefill_bytes_needed: int | None = None
+    predict_share: float | None = None  # share of decode wall time spent predicting (in place)
 
     @property
     def decode_tok_s(self) -> float:
@@ -119,7 +120,7 @@ class ActiveMoERunner:
         s = out.stats
         return RunResult(out.sequences, s.ttft_s, s.per_token_s, len(prompts), peak_rss_bytes(),
                          device_peak(self.engine.device), s.decode_hit_rate, s.recall, s.decode_bytes_per_token, s.stall_s,
-                         s.overlap, s.reuse, s.prefill_bytes_needed)
+                         s.overlap, s.reuse, s.prefill_bytes_needed, s.predict_share)
 
     def close(self) -> None:
         self.engine.close()

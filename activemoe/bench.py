@@ -60,6 +60,7 @@ class BenchRow:
     overlap: float | None = None
     reuse: float | None = None
     ttft_floor_s: float | None = None  # prefill's distinct experts x expert bytes / link (emulated link only)
+    predict_share: float | None = None  # median share of decode wall time in the predictor (ActiveMoE, in place)
 
 
 def default_baselines(model_dir: Path) -> tuple[str, ...]:
@@ -109,7 +110,8 @@ def reduce_runs(baseline: str, prompt_tokens: int, results: list[RunResult], ref
         max(r.peak_host_bytes for r in results),
         None if last.peak_device_bytes is None else max(r.peak_device_bytes for r in results),
         None if reference is None else all(r.sequences == reference for r in results),
-        last.hit_rate, last.recall.get("1"), last.decode_bytes_per_token, last.stall_s, last.overlap, last.reuse, floor)
+        last.hit_rate, last.recall.get("1"), last.decode_bytes_per_token, last.stall_s, last.overlap, last.reuse, floor,
+        None if last.predict_share is None else statistics.median(r.predict_share for r in results))
 
 
 def available_bytes(device: str) -> int:

@@ -137,7 +137,7 @@ def print_table(rows: list[BenchRow], title: str, tags: list[str] | None = None)
 
     table = Table(title=title)
     columns = (["cache"] if tags else []) + ["baseline", "prompt", "batch", "tok/s", "min-max", "TTFT ms", "floor ms",
-                                             "p50 ms", "p99 ms", "decode hit", "recall@1", "MB/tok", "stall s", "overlap",
+                                             "p50 ms", "p99 ms", "decode hit", "recall@1", "predict %", "MB/tok", "stall s", "overlap",
                                              "reuse", "host MiB", "dev MiB", "same tokens"]
     for c in columns:
         table.add_column(c, justify="left" if c in ("baseline", "cache") else "right")
@@ -145,7 +145,8 @@ def print_table(rows: list[BenchRow], title: str, tags: list[str] | None = None)
         cells = [r.baseline, str(r.prompt_tokens), str(r.batch_size), f"{r.decode_tok_s:.1f}",
                  f"{r.decode_tok_s_min:.1f}-{r.decode_tok_s_max:.1f}", f"{r.ttft_s * 1e3:.1f}",
                  _fmt(r.ttft_floor_s, ".1f", 1e3), f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", _fmt(r.hit_rate, ".3f"),
-                 _fmt(r.recall_1, ".3f"), _fmt(r.decode_bytes_per_token, ".2f", 1e-6), _fmt(r.stall_s, ".3f"),
+                 _fmt(r.recall_1, ".3f"), _fmt(r.predict_share, ".1f", 100),
+                 _fmt(r.decode_bytes_per_token, ".2f", 1e-6), _fmt(r.stall_s, ".3f"),
                  _fmt(r.overlap, ".2f"), _fmt(r.reuse, ".2f"), f"{r.peak_host_bytes / 2**20:.0f}",
                  _fmt(r.peak_device_bytes, ".0f", 2**-20), {None: "-", True: "yes", False: "NO"}[r.same_tokens]]
         table.add_row(*(([tags[i]] if tags else []) + cells))

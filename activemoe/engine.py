@@ -90,6 +90,7 @@ class GenerationStats:
     reuse: float = 0.0  # decode activations per distinct expert per layer step (> 1 when a batch shares experts)
     prefill_bytes_needed: int = 0  # distinct experts the prompt routed x expert bytes (the TTFT link floor's bytes)
     late_miss_int4: int = 0  # critical misses computed from their int4 copy (--late-miss int4, approximate)
+    predict_share: float = 0.0  # share of decode wall time in the predictor and its announcer (measured in place)
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,7 @@ class Engine:
             decode_bytes_per_token=(streamer.bytes[-1] - streamer.bytes[0]) / len(steps) / len(prompt_ids)
             if steps else 0.0, batch_size=len(prompt_ids), reuse=rt.reuse, decode_hit_rate=rt.decode_hit_rate,
             prefill_bytes_needed=rt.prefill_experts * self.load_stats.expert_bytes,
-            late_miss_int4=rt.late_miss_int4)
+            late_miss_int4=rt.late_miss_int4, predict_share=rt.decode_predict_s / sum(steps) if sum(steps) > 0 else 0.0)
         sequences = out[:, width:].tolist()
         return Generation(token_ids=sequences[0], stats=stats, sequences=sequences)
 
@@ -447,7 +448,10 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
         predictor = PregatedRouting({layer: r for layer, (r, _) in routers(model, experts).items()},
                                     router_parts(model, experts))
     else:
-        predictor = _predictor(prefetch, model, experts, store.num_experts)
+        predictor = _predictor(prefetch, model, experts, store.num_experts)  # built, so a bad predictor file fails
+        if num_slots >= total and config.experts_on != "host":  # nothing will be loaded: predicting only costs
+            log.info("every expert fits in a slot: the %s predictor is not run", prefetch.predictor)
+            predictor = NoPredictor()
     per_target = prefetch.budget or top_k  # predicted experts prefetched per target layer
     runtime = ExpertRuntime(store, loader, predictor,
                             budget=per_target,

@@ -8,6 +8,7 @@ Legend: T tokens, K routed per token, H hidden, I expert width.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, fields
 
@@ -50,6 +51,7 @@ class RuntimeStats:
     late_miss_int4: int = 0  # critical misses served from their int4 copy (--late-miss int4, approximate)
     late_miss_activations: int = 0  # routed activations those served
     late_miss_bytes: int = 0  # int4 bytes those moved
+    decode_predict_s: float = 0.0  # wall time of decode steps in the predictor and its announcer, in place
 
     @property
     def hit_rate(self) -> float:
@@ -161,10 +163,13 @@ class ExpertRuntime:
                 run(ExpertId(layer, e), self.store.read(ExpertId(layer, e)))
             return out
 
+        start = time.perf_counter()
         predictions = self.predictor.predict(event, layer, hidden, top_k_index)
         if self.stream_prefill and not self.decoding and top_k_index.shape[0] > 1:
             predictions = self._streamed(layer, predictions)
         predicted = self.announce(event, routed, top_k_index.shape[-1], top_k_index.shape[0] == 1, predictions)
+        if self.decoding:
+            self.stats.decode_predict_s += time.perf_counter() - start
         ready, waiting = self.loader.begin_layer(event, [ExpertId(layer, e) for e in routed], predicted)
         hits = sum(counts[eid.expert] for eid, _ in ready)
         self.stats.hits += hits
@@ -211,8 +216,12 @@ class ExpertRuntime:
         if self.recorder is not None:
             self.recorder.tokens(x)
         if getattr(self.predictor, "sees_tokens", False) and self.experts_on != "host":
+            start = time.perf_counter()
             predictions = self.predictor.predict(self.event - 1, TOKENS, x, None)
-            self.loader.ahead(self.announce.ahead(self.event - 1, predictions, self.announce.budget))
+            requests = self.announce.ahead(self.event - 1, predictions, self.announce.budget)
+            if self.decoding:
+                self.stats.decode_predict_s += time.perf_counter() - start
+            self.loader.ahead(requests)
 
     def _streamed(self, layer: int, predictions: list[Prediction]) -> list[Prediction]:
         """Prefill streaming: a long prompt routes to nearly every expert, so the next MoE layer's experts

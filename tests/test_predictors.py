@@ -67,6 +67,19 @@ def test_parity_with_each_predictor(checkpoint, family, predictor):
         _assert_parity(ref, eng.model.generate(PROMPT, **GEN))
         out = eng.generate(PROMPT[0].tolist(), max_new_tokens=8, sampling=SamplingConfig(do_sample=False))
         assert set(out.stats.recall) <= {"1", "2"} and all(0 <= r <= 1 for r in out.stats.recall.values())
+        assert 0 < out.stats.predict_share < 1  # the predictor's time, measured in place
+
+
+def test_no_predictor_runs_when_every_expert_fits(checkpoint):
+    """Every expert in a slot: nothing is ever loaded, so the predictor is not run (it would only cost time)."""
+    model_dir = checkpoint("qwen3_moe")
+    ref = _reference(model_dir)
+    cfg = EngineConfig(cache=CacheConfig(slot_fraction=1.0), prefetch=PrefetchConfig(predictor="pregate"))
+    with activemoe.load(model_dir, cfg) as eng:
+        assert eng.runtime.predictor.name == "none"
+        _assert_parity(ref, eng.model.generate(PROMPT, **GEN))
+        out = eng.generate(PROMPT[0].tolist(), max_new_tokens=8, sampling=SamplingConfig(do_sample=False))
+        assert out.stats.recall == {} and out.stats.loads == 0
 
 
 class _Fixed:

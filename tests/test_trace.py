@@ -244,6 +244,7 @@ def test_trace_cli_flow_and_bad_input(capsys, recorded, tmp_path):
                  "--lookahead", "2", "--json", "--plot", str(tmp_path / "h.png")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result["predictors"]) == {"pregate", "history", "learned", "adaptive"}
+    assert all(0 < p["step_share_in_place"] < 1 for p in result["predictors"].values())  # measured in place
     assert (tmp_path / "h.png").stat().st_size > 1000
     other = activemoe.tiny.build_tiny_checkpoint("olmoe", tmp_path / "olmoe")
     assert_user_error(capsys, ["predict-eval", "--model", str(other), "--trace", str(path)], "another model")
