@@ -165,7 +165,10 @@ class LearnedPredictor:
 
     name = "learned"
 
-    def __init__(self, heads: Heads, layers: list[int], lookahead: int):
+    def __init__(self, heads: Heads, layers: list[int], lookahead: int, device: torch.device | None = None):
+        """`device`: where the one matmul per call runs (the model's device, so a large model's head weights,
+        megabytes per layer, are not read by the host every token); None: numpy on the host. The small
+        result comes back to the host either way."""
         if len({h.context is None for h in heads.values()}) > 1:
             raise UserError("the predictor file mixes heads with and without context")
         layers = [TOKENS] + sorted(layers)  # TOKENS: the token embeddings, before the first MoE layer
@@ -213,6 +216,8 @@ class LearnedPredictor:
             if items and all(_mlp_width(h) for _, h in items):
                 self.mlp[layer] = torch.block_diag(*[h.mlp_out.T for _, h in items]).contiguous().numpy()  # [nM, nE]
         self.perm, self.bias = np.array(perm, dtype=np.intp), np.array(bias, dtype=np.float32)  # [A]
+        self.on_device = None if device is None else {layer: torch.from_numpy(w).to(device)
+                                                      for layer, w in self.weight.items()}
         self._rows = np.arange(lookahead)[:, None]  # row index of a [n, E] gather
         self.begin()
 
@@ -227,11 +232,14 @@ class LearnedPredictor:
             return []
         if hidden.dtype != torch.float32:  # numpy has no bfloat16
             hidden = hidden.float()
-        x = hidden.numpy(force=True)  # [T, H]
-        if self._last is None or layer <= self._last or x.shape[0] != self.context.shape[0]:
-            self._step(x.shape[0])
+        rows = hidden.shape[0]
+        if self._last is None or layer <= self._last or rows != self.context.shape[0]:
+            self._step(rows)
         self._last = layer
-        y = x @ weight  # [T, P + C]
+        if self.on_device is None:
+            y = hidden.numpy(force=True) @ weight  # [T, P + C]
+        else:
+            y = (hidden.to(self.on_device[layer].device) @ self.on_device[layer]).cpu().numpy()
         start, end = self.own_at[layer]
         if layer in self.context_at:
             a, b = self.context_at[layer]
@@ -249,8 +257,8 @@ class LearnedPredictor:
             silu *= half
             silu += half  # silu(2 half) = half + half tanh(half)
             logits += silu @ self.mlp[layer]  # + silu(2 half) W2
-        logits = logits.reshape(x.shape[0], n, -1)
-        if x.shape[0] == 1:  # decode: rank the logits, then softmax the ranked row
+        logits = logits.reshape(rows, n, -1)
+        if rows == 1:  # decode: rank the logits, then softmax the ranked row
             logits = logits[0]
             experts = logits.argsort(-1, kind="stable")[:, ::-1]  # [n, E] best first
             values = np.sort(logits, -1)[:, ::-1]

@@ -183,6 +183,23 @@ def test_context_rows_follow_the_sequences():
     assert flat(1) == [True]
 
 
+def test_heads_on_the_model_device_predict_as_on_the_host():
+    """The matmul on the model's device (here torch on the CPU, as it would run on CUDA) gives the host
+    path's predictions: same ranking, probabilities within float tolerance, through steps and a prefill."""
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    heads = {(src, k): Head(r(8, 6), r(8), r(8, 6), r(4, 6), r(4), r(8, 4), r(4, 6))
+             for src, k in [(TOKENS, 1), (TOKENS, 2), (0, 1), (0, 2), (1, 1)]}
+    host = LearnedPredictor(heads, [0, 1, 2], lookahead=2)
+    device = LearnedPredictor(heads, [0, 1, 2], lookahead=2, device=torch.device("cpu"))
+    for rows in (3, 1, 1):  # a prefill of three rows, then two decode steps
+        for layer in (TOKENS, 0, 1, 2):
+            x = r(rows, 6)
+            for a, b in zip(host.predict(0, layer, x, None), device.predict(0, layer, x, None), strict=True):
+                assert (a.layer, a.distance, a.experts) == (b.layer, b.distance, b.experts)
+                assert a.probs == pytest.approx(b.probs, abs=1e-6)
+
+
 def test_predictor_files_of_another_version_are_refused(recorded, tmp_path):
     from safetensors.torch import load_file, save_file
 
