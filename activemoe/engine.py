@@ -444,12 +444,13 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     loader = Loader(store, slab, ExpertCache(num_slots, policy), PrefetchScheduler(prefetch.issue_window))
     first = next(iter(experts.values()))
     miss_cost = profile_host_expert(first, store) if config.experts_on == "auto" else None
+    everything_fits = num_slots >= total and config.experts_on != "host"  # every expert gets a slot
     if config.routing == "pregated":
         predictor = PregatedRouting({layer: r for layer, (r, _) in routers(model, experts).items()},
                                     router_parts(model, experts))
     else:
         predictor = _predictor(prefetch, model, experts, store.num_experts)  # built, so a bad predictor file fails
-        if num_slots >= total and config.experts_on != "host":  # nothing will be loaded: predicting only costs
+        if everything_fits:  # nothing will be loaded: predicting only costs
             log.info("every expert fits in a slot: the %s predictor is not run", prefetch.predictor)
             predictor = NoPredictor()
     per_target = prefetch.budget or top_k  # predicted experts prefetched per target layer
@@ -466,8 +467,8 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     if config.replay_routing:
         replay = ReplayRouting(load_trace(config.replay_routing), store.layers, store.num_experts, top_k)
         replay.install(experts)
-    if num_slots >= total and config.experts_on != "host":
-        loader.preload(store.experts())  # everything fits: no transfer is left for generation
+    if everything_fits:
+        loader.preload(store.experts())  # no transfer is left for generation
     tokenizer = load_tokenizer(model_dir)
     stats = LoadStats(model_rss_bytes=model_rss,
                       host_store_bytes=(store.expert_bytes * total if config.store == "ram" else 0)
