@@ -84,17 +84,6 @@ def _prompt_ids(text: str) -> list[int]:
         raise UserError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
 
 
-def _progress():
-    """A rich progress bar on stderr for the host-store preload; a no-op callback when not a terminal."""
-    from rich.progress import Progress
-
-    if not sys.stderr.isatty():
-        return None, None
-    bar = Progress(transient=True, console=__import__("rich.console").console.Console(stderr=True))
-    task = bar.add_task("reading experts", total=None)
-    return bar, lambda done, total: bar.update(task, completed=done, total=total)
-
-
 def cmd_generate(args) -> int:
     from activemoe import engine
 
@@ -114,11 +103,7 @@ def cmd_generate(args) -> int:
                                                   predictor_file=args.predictor_file))
     do_sample = False if args.greedy else (True if args.temperature is not None or args.top_p is not None else None)
     sampling = SamplingConfig(do_sample=do_sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    bar, on_progress = _progress()
-    if bar:
-        with bar:
-            eng = engine.load(args.model, config, on_progress)
-    else:
+    with cli_tools.progress_bar("reading experts") as on_progress:
         eng = engine.load(args.model, config, on_progress)
     ids = _prompt_ids(args.prompt_ids) if args.prompt_ids is not None else eng.encode(args.prompt)
 

@@ -3,13 +3,30 @@ perplexity, the machine profile and the memory plan. Flags become configs here; 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
+import sys
 
 from activemoe import cli_simulate
 from activemoe.config import DTYPES, ROUTING, CacheConfig, EngineConfig, SamplingConfig, parse_size
 from activemoe.errors import UserError
 from activemoe.families import offloaded_modules, router_parts
+
+
+@contextlib.contextmanager
+def progress_bar(description: str):
+    """A rich progress bar on stderr while the block runs; yields its (done, total) callback, or None when stderr
+    is not a terminal."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def add_precision_flags(p) -> None:
@@ -119,14 +136,8 @@ def cmd_perplexity(args) -> int:
         raise UserError("--max-tokens and --seq-len must be at least 2")
     config = EngineConfig(cache=CacheConfig(slot_fraction=1.0), routing=args.routing, dtype=args.dtype,
                           precision=args.precision, quant_cache_dir=args.quant_cache)
-    from activemoe.cli import _progress  # imported here: cli imports this module
-
-    bar, on_progress = _progress()  # the experts are read (and quantised, once) at load
-    if bar:
-        with bar:
-            eng = engine.load(args.model, config, on_progress)
-    else:
-        eng = engine.load(args.model, config)
+    with progress_bar("reading experts") as on_progress:  # and quantising them, once
+        eng = engine.load(args.model, config, on_progress)
     with eng:
         ppl, tokens = eng.perplexity(_chunks(eng, _texts(args), args.seq_len, args.max_tokens))
     print(json.dumps({"model": args.model, "routing": args.routing, "precision": args.precision, "dtype": args.dtype,
@@ -163,8 +174,9 @@ def _add_predictor_commands(sub) -> None:
     p.add_argument("--model", help="the trace's model directory: start the heads from its routers (recommended)")
     p.add_argument("--lookahead", type=int, default=3)
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--mlp-width", type=int, default=64,
-                   help="width of each head's residual MLP (0: linear heads only; default 64)")
+    p.add_argument("--mlp-width", default="64",
+                   help="width of each head's residual MLP, or one per lookahead k = 1,2,... (the last repeats), "
+                        "e.g. 512,64: 0 for linear heads only (default 64)")
     p.add_argument("--no-context", dest="context", action="store_false",
                    help="heads read only the source layer's input, not the previous token's target-layer input")
     e = sub.add_parser("predict-eval", help="recall@k and precision@k of each predictor on a trace",
@@ -217,8 +229,10 @@ def cmd_trace(args) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: directory {out.parent} does not exist")
-    with engine.load(args.model, EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng:
-        trace = eng.record_trace(_chunks(eng, _texts(args), args.seq_len, args.max_tokens), keep_hidden=args.hidden)
+    with engine.load(args.model, EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng, \
+            progress_bar("recording") as on_progress:
+        trace = eng.record_trace(_chunks(eng, _texts(args), args.seq_len, args.max_tokens), keep_hidden=args.hidden,
+                                 on_progress=on_progress)
     trace.save(out)
     print(json.dumps({"trace": str(out), "rows": int(trace.layer.numel()), "tokens": int(trace.token.max()) + 1,
                       "hidden": trace.hidden is not None, "shape_id": trace.meta["shape_id"]}))
@@ -230,16 +244,19 @@ def cmd_train_predictor(args) -> int:
     from activemoe.learned import save_heads, train_heads
     from activemoe.trace import load_trace
 
+    try:
+        widths = [int(w) for w in args.mlp_width.split(",")]
+    except ValueError:
+        raise UserError(f"--mlp-width must be integers separated by commas, got {args.mlp_width!r}") from None
     trace = load_trace(args.trace)
     routers = None
     if args.model:
         with engine.load(args.model, EngineConfig()) as eng:
             trace.check_model(eng.shape_id)
             routers = router_parts(eng.model, offloaded_modules(eng.model))
-    if args.mlp_width < 0:
-        raise UserError("--mlp-width must be 0 (linear heads) or positive")
-    heads = train_heads(trace, args.lookahead, routers, epochs=args.epochs, mlp_width=args.mlp_width,
-                        context=args.context)
+    with progress_bar("training heads") as on_progress:
+        heads = train_heads(trace, args.lookahead, routers, epochs=args.epochs, mlp_width=widths,
+                            context=args.context, on_progress=on_progress)
     meta = {k: trace.meta[k] for k in ("model_type", "num_experts", "top_k", "hidden_size", "layers", "shape_id")}
     save_heads(args.out, heads, {**meta, "lookahead": str(args.lookahead)})
     print(json.dumps({"predictor_file": args.out, "heads": len(heads), "lookahead": args.lookahead}))

@@ -12,6 +12,7 @@ shape. Legend: N rows, T tokens, H hidden, E experts, M MLP width.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +75,12 @@ def context_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 
 def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | None = None, epochs: int = 30,
-                lr: float = 3e-3, mlp_width: int = 0, context: bool = True, on_progress=None) -> Heads:
+                lr: float = 3e-3, mlp_width: int | Sequence[int] = 0, context: bool = True, on_progress=None) -> Heads:
+    """Adam with cosine decay to lr/20. `mlp_width`: one width for every head, or one per lookahead k = 1, 2, ...
+    (the last repeats): the nearest layer is worth the widest MLP, and a narrow far head costs less per call."""
+    widths = [mlp_width] if isinstance(mlp_width, int) else list(mlp_width)
+    if not widths or min(widths) < 0 or (0 in widths and max(widths) > 0):
+        raise UserError(f"MLP widths must be all 0 (linear heads) or all positive, got {widths}")
     if trace.hidden is None:
         raise UserError("the trace has no hidden states; record it with --hidden")
     E, H = trace.num_experts, trace.hidden.shape[1]
@@ -93,6 +99,7 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
                 else (torch.zeros(E, H), torch.zeros(E)))
         w = torch.cat([w, torch.zeros(E, D - H)], 1)  # [E, D]: the context starts with no say
         params = [w.requires_grad_(), b.requires_grad_()]
+        mlp_width = widths[min(k, len(widths)) - 1]
         if mlp_width:
             w1 = (torch.randn(mlp_width, D) / D**0.5).requires_grad_()
             b1, w2 = torch.zeros(mlp_width).requires_grad_(), torch.zeros(E, mlp_width).requires_grad_()
@@ -103,13 +110,16 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
             return out + F.silu(xb @ w1.T + b1) @ w2.T if mlp_width else out
 
         opt = torch.optim.Adam(params, lr=lr)
+        batch_size = 1024 if mlp_width else 2048
+        decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * -(-len(x) // batch_size), lr / 20)
         with torch.enable_grad():
             for _ in range(epochs):
-                for batch in torch.randperm(len(x)).split(1024 if mlp_width else 2048):
+                for batch in torch.randperm(len(x)).split(batch_size):
                     loss = -(y[batch] * logits(x[batch]).log_softmax(-1)).sum(-1).mean()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    decay.step()
         w, b = w.detach(), b.detach()
         mlp = {}
         if mlp_width:

@@ -255,8 +255,14 @@ def test_trace_cli_flow_and_bad_input(capsys, recorded, tmp_path):
                                "--out", str(tmp_path / "x.trace")], "heldout_files.txt")
     out = tmp_path / "p.safetensors"
     assert main(["train-predictor", "--trace", str(path), "--model", str(model_dir), "--out", str(out),
-                 "--lookahead", "2", "--epochs", "2"]) == 0
+                 "--lookahead", "2", "--epochs", "2", "--mlp-width", "12,4"]) == 0  # one width per lookahead
     capsys.readouterr()
+    heads = load_heads(out, load_trace(path).meta["shape_id"])
+    assert {(k, h.mlp_in.shape[0]) for (_, k), h in heads.items()} == {(1, 12), (2, 4)}
+    for bad in ("12,0", "-1", "wide"):
+        assert_user_error(capsys, ["train-predictor", "--trace", str(path), "--out", str(tmp_path / "bad.safetensors"),
+                                   "--mlp-width", bad], "width")
+        assert not (tmp_path / "bad.safetensors").exists()
     assert main(["predict-eval", "--model", str(model_dir), "--trace", str(path), "--predictor-file", str(out),
                  "--lookahead", "2", "--json", "--plot", str(tmp_path / "h.png")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -267,3 +273,29 @@ def test_trace_cli_flow_and_bad_input(capsys, recorded, tmp_path):
     assert_user_error(capsys, ["predict-eval", "--model", str(other), "--trace", str(path)], "another model")
     assert_user_error(capsys, ["generate", "--model", str(other), "--prompt-ids", "5", "--predictor", "learned",
                                "--predictor-file", str(out)], "another model")
+
+
+def test_fused_heads_compute_each_head_as_written():
+    """The predictor fuses every head a layer's input feeds into one matmul per call; each prediction still
+    equals its head computed alone, softmax(W x + b + C c + W2 silu(W1 x + W1c c + b1)) with c the previous
+    token's input at the target layer, when the MLP width differs per lookahead."""
+    gen = torch.Generator().manual_seed(1)
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    width = {1: 6, 2: 3}
+    heads = {(src, k): Head(r(8, 5), r(8), r(8, 5), r(width[k], 5), r(width[k]), r(8, width[k]), r(width[k], 5))
+             for src, k in [(TOKENS, 1), (TOKENS, 2), (0, 1), (0, 2), (1, 1)]}
+    predictor = LearnedPredictor(heads, [0, 1, 2], lookahead=2)
+    previous: dict[int, torch.Tensor] = {}
+    checked = 0
+    for _ in range(3):  # decode steps
+        inputs = {layer: r(1, 5) for layer in (TOKENS, 0, 1, 2)}
+        for layer, x in inputs.items():
+            for p in predictor.predict(0, layer, x, None):
+                h, c = heads[(layer, p.distance)], previous.get(p.layer, torch.zeros(1, 5))
+                hidden = torch.nn.functional.silu(x @ h.mlp_in.T + c @ h.mlp_in_context.T + h.mlp_in_bias)
+                probs = (x @ h.weight.T + h.bias + c @ h.context.T + hidden @ h.mlp_out.T).softmax(-1)[0]
+                assert list(p.experts) == probs.argsort(descending=True).tolist()
+                assert p.probs == pytest.approx(probs[list(p.experts)].tolist(), abs=1e-5)
+                checked += 1
+        previous = inputs
+    assert checked == 3 * 5
