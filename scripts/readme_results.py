@@ -106,6 +106,8 @@ def _cell(value, spec: str, scale: float = 1.0) -> str:
 def bench_table(name: str, command: str) -> str:
     """An `activemoe bench` result (bench.json in a results folder) as a table."""
     r = _load(name)
+    if r["runs"] != 3:  # not the default
+        command += f" --runs {r['runs']}"
     first = {}
     lines = [f"""`{command}` ({r['device']}, {r['dtype']}, link {r['link']}, cache {r['cache']}, {r['new_tokens']} new
 tokens, median of {r['runs']} runs; "vs reactive" compares decode tok/s with `reactive` at the same prompt and batch;

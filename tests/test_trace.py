@@ -145,7 +145,7 @@ def test_token_heads_predict_the_first_layer_from_the_embedding():
                      torch.randn(2 * tokens, 8, generator=gen).half(), meta, embedded.half())
 
     torch.manual_seed(0)
-    heads = train_heads(trace(2000, 0), lookahead=1, epochs=20, lr=1e-2)
+    heads = train_heads(trace(2000, 0), lookahead=1, epochs=40, lr=1e-2)
     assert set(heads) == {(TOKENS, 1), (0, 1)}
     predictor = LearnedPredictor(heads, [0, 1], lookahead=1)
     assert predictor.sees_tokens
