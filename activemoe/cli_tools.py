@@ -241,11 +241,11 @@ def cmd_trace(args) -> int:
 
 def cmd_train_predictor(args) -> int:
     from activemoe import engine
-    from activemoe.learned import save_heads, train_heads
+    from activemoe.learned import mlp_widths, save_heads, train_heads
     from activemoe.trace import load_trace
 
-    try:
-        widths = [int(w) for w in args.mlp_width.split(",")]
+    try:  # checked before the trace (gigabytes) is read
+        widths = mlp_widths([int(w) for w in args.mlp_width.split(",")])
     except ValueError:
         raise UserError(f"--mlp-width must be integers separated by commas, got {args.mlp_width!r}") from None
     trace = load_trace(args.trace)
@@ -287,7 +287,7 @@ def cmd_predict_eval(args) -> int:
                                              *predictors[2:]], eng.top_k))
         scores = [evaluate(trace, p, budget, args.max_tokens) for p in predictors]
         # Cost in place: each predictor drives all-resident greedy decoding (no loads), median of 3 runs.
-        prompt = trace.experts.new_tensor(range(3, 35)).tolist()
+        prompt = list(range(3, 35))
         shares, steps = {}, {}
         for p in [NoPredictor(), *predictors]:
             eng.runtime.predictor = p

@@ -74,13 +74,20 @@ def context_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return out
 
 
+def mlp_widths(mlp_width: int | Sequence[int]) -> list[int]:
+    """One MLP width per lookahead k = 1, 2, ... (the last repeats); refused unless all 0 (linear heads) or all
+    positive."""
+    widths = [mlp_width] if isinstance(mlp_width, int) else list(mlp_width)
+    if not widths or min(widths) < 0 or (0 in widths and max(widths) > 0):
+        raise UserError(f"MLP widths must be all 0 (linear heads) or all positive, got {widths}")
+    return widths
+
+
 def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | None = None, epochs: int = 30,
                 lr: float = 3e-3, mlp_width: int | Sequence[int] = 0, context: bool = True, on_progress=None) -> Heads:
     """Adam with cosine decay to lr/20. `mlp_width`: one width for every head, or one per lookahead k = 1, 2, ...
     (the last repeats): the nearest layer is worth the widest MLP, and a narrow far head costs less per call."""
-    widths = [mlp_width] if isinstance(mlp_width, int) else list(mlp_width)
-    if not widths or min(widths) < 0 or (0 in widths and max(widths) > 0):
-        raise UserError(f"MLP widths must be all 0 (linear heads) or all positive, got {widths}")
+    widths = mlp_widths(mlp_width)
     if trace.hidden is None:
         raise UserError("the trace has no hidden states; record it with --hidden")
     E, H = trace.num_experts, trace.hidden.shape[1]
@@ -210,8 +217,9 @@ class LearnedPredictor:
             rows = [h.weight for _, h in items] + [h.mlp_in / 2 for _, h in items if _mlp_width(h)]
             rows += [part for _, h in into.get(layer, []) for part in
                      [h.context] + ([h.mlp_in_context / 2] if _mlp_width(h) else [])]
-            if rows:
-                self.weight[layer] = torch.cat(rows).T.contiguous().numpy()  # [H, P + C]
+            if rows:  # [H, P + C]: a numpy array on the host, or a tensor on `device` (no host copy kept)
+                fused = torch.cat(rows).T.contiguous()
+                self.weight[layer] = fused.numpy() if device is None else fused.to(device)
             start = len(bias)
             bias += [b for _, h in items for b in h.bias.tolist()]
             bias += [b / 2 for _, h in items if _mlp_width(h) for b in h.mlp_in_bias.tolist()]
@@ -226,8 +234,6 @@ class LearnedPredictor:
             if items and all(_mlp_width(h) for _, h in items):
                 self.mlp[layer] = torch.block_diag(*[h.mlp_out.T for _, h in items]).contiguous().numpy()  # [nM, nE]
         self.perm, self.bias = np.array(perm, dtype=np.intp), np.array(bias, dtype=np.float32)  # [A]
-        self.on_device = None if device is None else {layer: torch.from_numpy(w).to(device)
-                                                      for layer, w in self.weight.items()}
         self._rows = np.arange(lookahead)[:, None]  # row index of a [n, E] gather
         self.begin()
 
@@ -246,10 +252,10 @@ class LearnedPredictor:
         if self._last is None or layer <= self._last or rows != self.context.shape[0]:
             self._step(rows)
         self._last = layer
-        if self.on_device is None:
+        if isinstance(weight, np.ndarray):
             y = hidden.numpy(force=True) @ weight  # [T, P + C]
         else:
-            y = (hidden.to(self.on_device[layer].device) @ self.on_device[layer]).cpu().numpy()
+            y = (hidden.to(weight.device) @ weight).cpu().numpy()
         start, end = self.own_at[layer]
         if layer in self.context_at:
             a, b = self.context_at[layer]
