@@ -1,5 +1,6 @@
 """bench.py measures: it runs each baseline over prompt lengths and batch sizes, a warm-up then several
-timed runs from a cold expert cache, and reduces the runs to one row per (baseline, prompt, batch).
+timed runs from a cold expert cache (baseline after baseline, or interleaved), and reduces the runs to one
+row per (baseline, prompt, batch).
 It prints nothing; cli_bench.py turns rows into a table, a JSON line and plots.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1,)
     new_tokens: int = 64
     runs: int = 3  # timed runs per row, after one warm-up per baseline
+    interleave: bool = False  # all baselines loaded at once, their runs alternating
     engine: EngineConfig = field(default_factory=EngineConfig)  # device, dtype, cache size, link for ActiveMoE
 
     @staticmethod
@@ -142,36 +144,48 @@ def does_not_fit(spec: str, config: BenchConfig) -> str | None:
 def run_bench(config: BenchConfig, progress: Progress = lambda _: None,
               skipped: list[str] | None = None) -> list[BenchRow]:
     """All rows; the reference tokens come from the first baseline run (exact baselines agree with it).
-    Whole-model baselines that cannot fit are left out, with the reason appended to `skipped`."""
+    Whole-model baselines that cannot fit are left out, with the reason appended to `skipped`.
+    Interleaved: every baseline is loaded at once and their runs alternate (A, B, C, A, B, C, ...), so a
+    slow spell of the machine hits them alike; else one baseline is loaded at a time."""
     if config.runs < 1 or config.new_tokens < 2:
         raise UserError("--runs must be at least 1 and --new-tokens at least 2")
     shapes = [(length, batch) for length in config.prompt_lengths for batch in config.batch_sizes]
-    prompts: dict[tuple[int, int], list[list[int]]] = {}
-    references: dict[tuple[int, int], list[list[int]]] = {}
-    rows = []
+    fitting = []
     for spec in config.baselines:
         reason = does_not_fit(spec, config)
         if reason:
             progress(reason)
             if skipped is not None:
                 skipped.append(reason)
-            continue
-        progress(f"{spec}: loading")
-        runner: Runner = make_runner(spec, config.model_dir, config.engine)
+        else:
+            fitting.append(spec)
+    prompts: dict[tuple[int, int], list[list[int]]] = {}
+    references: dict[tuple[int, int], list[list[int]]] = {}
+    rows = []
+    for group in [fitting] if config.interleave else [[spec] for spec in fitting]:
+        runners: dict[str, Runner] = {}
         try:
+            for spec in group:
+                progress(f"{spec}: loading")
+                runners[spec] = make_runner(spec, config.model_dir, config.engine)
             if not prompts:
                 prompts = bench_prompts(config)
-            progress(f"{spec}: warm-up")
-            runner.run(prompts[shapes[0]], min(8, config.new_tokens))
+            for spec, runner in runners.items():
+                progress(f"{spec}: warm-up")
+                runner.run(prompts[shapes[0]], min(8, config.new_tokens))
+            results: dict[tuple[str, tuple[int, int]], list[RunResult]] = {}
             for shape in shapes:
-                results = []
                 for i in range(config.runs):
-                    progress(f"{spec}: prompt {shape[0]}, batch {shape[1]}, run {i + 1}/{config.runs}")
-                    results.append(runner.run(prompts[shape], config.new_tokens))
-                reference = references.setdefault(shape, results[0].sequences)
-                rows.append(reduce_runs(spec, shape[0], results, reference, _link(config.engine)))
+                    for spec, runner in runners.items():
+                        progress(f"{spec}: prompt {shape[0]}, batch {shape[1]}, run {i + 1}/{config.runs}")
+                        results.setdefault((spec, shape), []).append(runner.run(prompts[shape], config.new_tokens))
+            for spec in group:
+                for shape in shapes:
+                    reference = references.setdefault(shape, results[(spec, shape)][0].sequences)
+                    rows.append(reduce_runs(spec, shape[0], results[(spec, shape)], reference, _link(config.engine)))
         finally:
-            runner.close()
+            for runner in runners.values():
+                runner.close()
     return rows
 
 

@@ -28,6 +28,9 @@ def _common(p) -> None:
                         "its real link)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default 64)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per row after a warm-up (default 3)")
+    p.add_argument("--interleave", action="store_true",
+                   help="load every baseline at once and alternate their runs, so a slow spell of the machine hits "
+                        "all alike (fairer ratios on a noisy machine; needs memory for all baselines together)")
     p.add_argument("--lookahead", type=int, default=2, help="lookahead of predictive configs without @K (default 2)")
     p.add_argument("--replay-routing", metavar="TRACE",
                    help="force every baseline's routing from a recorded trace mapped onto this model's shape "
@@ -85,7 +88,8 @@ def _config(args, baselines: tuple[str, ...], prompt_lengths, batch_sizes, cache
     engine = EngineConfig(device=args.device, dtype=args.dtype, link=LinkConfig(link_gbps=link),
                           replay_routing=args.replay_routing,
                           cache=cache_config(cache, CacheConfig()), prefetch=PrefetchConfig(lookahead=args.lookahead))
-    return BenchConfig(model, baselines, prompt_lengths, batch_sizes, args.new_tokens, args.runs, engine)
+    return BenchConfig(model, baselines, prompt_lengths, batch_sizes, args.new_tokens, args.runs,
+                       args.interleave, engine)
 
 
 def _out_dir(args) -> Path | None:
@@ -124,7 +128,7 @@ def conditions(config: BenchConfig) -> dict:
             "link": f"emulated {link} GB/s" if link and e.device == "cpu" else "real",
             "torch_threads": torch.get_num_threads(), "model": str(config.model_dir),
             "routing": f"replayed from {e.replay_routing} (approximate)" if e.replay_routing else "exact",
-            "new_tokens": config.new_tokens, "runs": config.runs}
+            "new_tokens": config.new_tokens, "runs": config.runs, "interleaved": config.interleave}
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:

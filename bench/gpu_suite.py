@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             built_s = time.perf_counter() - started
             base = EngineConfig(device=device, dtype="bfloat16", replay_routing=str(trace), link=LinkConfig())
             config = BenchConfig(model, BASELINES, (8,) if args.dry_run else (16, 512), (1,),
-                                 4 if args.dry_run else args.new_tokens, 1 if args.dry_run else args.runs, base)
+                                 4 if args.dry_run else args.new_tokens, 1 if args.dry_run else args.runs, engine=base)
             rows = {}
             for cache in ("25%", "50%"):
                 bench = replace(config, engine=replace(base, cache=cache_config(cache, CacheConfig())))

@@ -108,9 +108,12 @@ def bench_table(name: str, command: str) -> str:
     r = _load(name)
     if r["runs"] != 3:  # not the default
         command += f" --runs {r['runs']}"
+    interleaved = r.get("interleaved", False)
+    if interleaved:
+        command += " --interleave"
     first = {}
     lines = [f"""`{command}` ({r['device']}, {r['dtype']}, link {r['link']}, cache {r['cache']}, {r['new_tokens']} new
-tokens, median of {r['runs']} runs; "vs reactive" compares decode tok/s with `reactive` at the same prompt and batch;
+tokens, median of {r['runs']}{' interleaved' if interleaved else ''} runs; "vs reactive" compares decode tok/s with `reactive` at the same prompt and batch;
 TTFT floor = the prompt's distinct experts × expert bytes ÷ link; predict % = share of decode wall time spent in the
 predictor and its announcer, measured in place):
 """, "| baseline | prompt | batch | decode tok/s | vs reactive | TTFT ms (floor) | decode hit | recall@1 | predict % "

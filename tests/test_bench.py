@@ -53,6 +53,44 @@ def test_every_baseline_agrees_and_batches_share_loads(checkpoint):
     assert any("run 1/1" in text for text in seen)
 
 
+def test_interleaved_runs_alternate_baselines_and_reduce_alike(checkpoint, monkeypatch):
+    """Interleaved: every baseline is loaded first, then runs go A, B, A, B per prompt shape; the rows are the
+    same rows in the same order as baseline after baseline."""
+    from activemoe import bench
+    from activemoe.baselines import RunResult
+
+    events = []
+
+    class Fake:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def run(self, prompts, new_tokens):
+            events.append(("run", self.spec, len(prompts[0]), new_tokens))
+            return RunResult([[1] * new_tokens], 0.01, (0.001,) * (new_tokens - 1), 1, 0, None)
+
+        def close(self):
+            events.append(("close", self.spec))
+
+    def make(spec, model_dir, engine):
+        events.append(("load", spec))
+        return Fake(spec)
+
+    monkeypatch.setattr(bench, "make_runner", make)
+    config = replace(BenchConfig.tiny(checkpoint("qwen3_moe"), ("reactive", "host")), prompt_lengths=(3, 5),
+                     runs=2, new_tokens=4)
+    by_order = run_bench(config)
+    sequential, events[:] = list(events), []
+    interleaved = run_bench(replace(config, interleave=True))
+    assert [(r.baseline, r.prompt_tokens) for r in interleaved] == [(r.baseline, r.prompt_tokens) for r in by_order]
+    assert interleaved == by_order and all(r.same_tokens for r in interleaved)
+    warm = [("run", "reactive", 3, 4), ("run", "host", 3, 4)]
+    timed = [("run", spec, n, 4) for n in (3, 5) for _ in range(2) for spec in ("reactive", "host")]
+    assert events == [("load", "reactive"), ("load", "host"), *warm, *timed, ("close", "reactive"), ("close", "host")]
+    assert sequential[:2] == [("load", "reactive"), ("run", "reactive", 3, 4)]  # one baseline at a time
+    assert sequential.index(("close", "reactive")) < sequential.index(("load", "host"))
+
+
 def test_accelerate_offloads_the_experts(checkpoint):
     runner = AccelerateRunner(checkpoint("qwen3_moe"), EngineConfig(link=LinkConfig(link_gbps=10.0)))
     try:
@@ -89,10 +127,10 @@ def test_compare_grid_rows(checkpoint):
 def test_bench_cli_writes_results_whole(capsys, checkpoint, tmp_path):
     out = tmp_path / "results"
     rc, stdout, _ = run(capsys, "bench", "--model", str(checkpoint("qwen3_moe")), "--baselines", "reactive,pregate",
-                        "--prompt-lengths", "4", "--new-tokens", "3", "--runs", "1", "--out", str(out))
+                        "--prompt-lengths", "4", "--new-tokens", "3", "--runs", "1", "--interleave", "--out", str(out))
     assert rc == 0
     result = json.loads(stdout.strip().splitlines()[-1])
-    assert result["measured"] == "wall clock" and result["link"] == "emulated 0.25 GB/s"
+    assert result["measured"] == "wall clock" and result["link"] == "emulated 0.25 GB/s" and result["interleaved"]
     assert [r["baseline"] for r in result["rows"]] == ["reactive", "pregate"]
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.png"]
     assert json.loads((out / "bench.json").read_text()) == result
