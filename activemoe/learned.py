@@ -28,6 +28,9 @@ from activemoe.atomic import save_safetensors_atomic
 from activemoe.trace import Trace
 
 SIDECAR = "activemoe-predictor.safetensors"
+RANKED_ROWS = 32  # a longer prefill ranks the experts of the layers ahead from this many evenly spaced rows
+# (the heads' cost grows with rows, and a long prompt routes to nearly every expert anyway)
+MAX_BATCH = 64  # after a long prefill, decode batches up to this size read their context
 VERSION = "2"  # 2: SiLU MLPs, heads may read the previous token's target-layer input (1: GELU, source only)
 
 
@@ -238,7 +241,11 @@ class LearnedPredictor:
         self.begin()
 
     def begin(self) -> None:
-        self.context: np.ndarray | None = None  # [T', C total] context parts, filled as the current step runs
+        self.rows = 0  # rows of the current step
+        self.context: np.ndarray | None = None  # [T, C total] context parts, filled as the current step runs
+        self.held: dict[int, torch.Tensor] = {}  # a long step's (no context buffer): layer -> its input at the
+        # rows a next step may read, whose context parts wait for that step
+        self.held_rows = np.zeros(0, np.intp)  # [R'] those rows
         self.addend = self.bias[None]  # [T, A] the previous step's context parts in own layout, plus the biases
         self._last = None  # the last layer called: a call at or before it starts a new step
 
@@ -249,22 +256,26 @@ class LearnedPredictor:
         if hidden.dtype != torch.float32:  # numpy has no bfloat16
             hidden = hidden.float()
         rows = hidden.shape[0]
-        if self._last is None or layer <= self._last or rows != self.context.shape[0]:
+        if self._last is None or layer <= self._last or rows != self.rows:
             self._step(rows)
         self._last = layer
-        if isinstance(weight, np.ndarray):
-            y = hidden.numpy(force=True) @ weight  # [T, P + C]
-        else:
-            y = (hidden.to(weight.device) @ weight).cpu().numpy()
         start, end = self.own_at[layer]
-        if layer in self.context_at:
-            a, b = self.context_at[layer]
-            self.context[:, a:b] = y[:, end - start:]
+        if rows <= RANKED_ROWS:  # one matmul for everything this input feeds
+            y = _matmul(hidden, weight)  # [T, P + C]
+            own, addend = y[:, :end - start], self.addend
+            if layer in self.context_at:
+                a, b = self.context_at[layer]
+                self.context[:, a:b] = y[:, end - start:]
+        else:  # a long prefill: the heads on a sample of rows; the context parts wait for the next step
+            sample = np.linspace(rows - 1, 0, RANKED_ROWS).round().astype(np.intp)  # [R] the last row first
+            own = _matmul(hidden[torch.from_numpy(sample)], weight[:, :end - start])  # [R, P]
+            addend = self.addend if self.addend.shape[0] == 1 else self.addend[sample]
+            if layer in self.context_at:
+                self.held[layer] = hidden[torch.from_numpy(self.held_rows)]  # [R', H]
         targets = self.targets[layer]
         if not targets:
             return []
-        own = y[:, :end - start]
-        own += self.addend[:, start:end]
+        own += addend[:, start:end]
         n, lin = len(targets), self.lin_width[layer]
         logits = own[:, :lin]  # [T, n*E]
         if layer in self.mlp:
@@ -273,7 +284,7 @@ class LearnedPredictor:
             silu *= half
             silu += half  # silu(2 half) = half + half tanh(half)
             logits += silu @ self.mlp[layer]  # + silu(2 half) W2
-        logits = logits.reshape(rows, n, -1)
+        logits = logits.reshape(own.shape[0], n, -1)
         if rows == 1:  # decode: rank the logits, then softmax the ranked row
             logits = logits[0]
             experts = logits.argsort(-1, kind="stable")[:, ::-1]  # [n, E] best first
@@ -292,13 +303,39 @@ class LearnedPredictor:
         """A new step of `rows` rows: the context parts the last step filled become this step's addend, one
         row per current row (the same rows for a batch of decode steps, each sequence's last prompt row
         after a prefill, none when they cannot be matched)."""
-        c = self.context
-        if c is not None and self.context_width and (c.shape[0] == rows or c.shape[0] % rows == 0):
-            c = c if c.shape[0] == rows else c[c.shape[0] // rows - 1::c.shape[0] // rows]
-            self.addend = c[:, self.perm] + self.bias  # [rows, A]
-        else:
-            self.addend = self.bias[None]
-        self.context = np.zeros((rows, self.context_width), np.float32)
+        previous, c, held = self.rows, self.context, self.held
+        self.addend = self.bias[None]
+        if self.context_width and previous and previous % rows == 0:
+            every = previous // rows
+            pick = np.arange(every - 1, previous, every)  # [rows] each sequence's last row
+            if c is not None:
+                self.addend = (c if every == 1 else c[pick])[:, self.perm] + self.bias  # [rows, A]
+            elif rows <= MAX_BATCH:  # a long step held these rows' inputs: their context parts, computed now
+                c = np.zeros((rows, self.context_width), np.float32)
+                at = torch.from_numpy(np.searchsorted(self.held_rows, pick))
+                for layer, hidden in held.items():
+                    a, b = self.context_at[layer]
+                    c[:, a:b] = _matmul(hidden[at], self.weight[layer][:, a - b:])
+                self.addend = c[:, self.perm] + self.bias
+        self.rows, self.held = rows, {}
+        if rows <= RANKED_ROWS:
+            self.context = np.zeros((rows, self.context_width), np.float32)
+        else:  # a long step keeps, instead of its context parts, the inputs at each sequence's last row
+            self.context, self.held_rows = None, _last_rows(rows)
+
+
+def _last_rows(total: int) -> np.ndarray:
+    """The rows a next step of B rows reads after a step of `total` rows (each sequence's last), for every
+    batch size B up to MAX_BATCH that divides `total`. [R']"""
+    return np.unique(np.concatenate([np.arange(total // b - 1, total, total // b)
+                                     for b in range(1, min(total, MAX_BATCH) + 1) if total % b == 0]))
+
+
+def _matmul(x: torch.Tensor, weight: np.ndarray | torch.Tensor) -> np.ndarray:
+    """x @ weight on the weight's side (numpy on the host, or torch on its device), back as numpy."""
+    if isinstance(weight, np.ndarray):
+        return x.numpy(force=True) @ weight
+    return (x.to(weight.device) @ weight).cpu().numpy()
 
 
 def _mlp_width(head: Head) -> int:

@@ -10,7 +10,7 @@ from activemoe.cli import main
 from activemoe.config import EngineConfig, SamplingConfig
 from activemoe.errors import UserError
 from activemoe.predictors import TOKENS
-from activemoe.learned import Head, LearnedPredictor, load_heads, save_heads, train_heads
+from activemoe.learned import RANKED_ROWS, Head, LearnedPredictor, load_heads, save_heads, train_heads
 from activemoe.trace import load_trace
 from tests.test_cli import assert_user_error
 
@@ -299,3 +299,28 @@ def test_fused_heads_compute_each_head_as_written():
                 checked += 1
         previous = inputs
     assert checked == 3 * 5
+
+
+def test_long_prefill_ranks_a_sample_and_defers_the_context():
+    """A prefill longer than RANKED_ROWS ranks the experts from RANKED_ROWS evenly spaced rows (the last one
+    included), and the next decode step of B sequences reads each sequence's last prompt row as context:
+    the same predictions as a predictor that saw only those rows."""
+    gen = torch.Generator().manual_seed(2)
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    heads = {(src, k): Head(r(8, 5), r(8), r(8, 5), r(6, 5), r(6), r(8, 6), r(6, 5))
+             for src, k in [(TOKENS, 1), (TOKENS, 2), (0, 1), (0, 2), (1, 1)]}
+    same = lambda a, b: len(a) == len(b) and all(  # noqa: E731
+        p.experts == q.experts and p.probs == pytest.approx(q.probs, abs=1e-5) for p, q in zip(a, b))
+    for batch, length in [(1, 70), (3, 20)]:
+        rows = batch * length
+        assert rows > RANKED_ROWS
+        prefill = {layer: r(rows, 5) for layer in (TOKENS, 0, 1, 2)}
+        decode = {layer: r(batch, 5) for layer in (TOKENS, 0, 1, 2)}
+        sample = torch.linspace(rows - 1, 0, RANKED_ROWS).round().long()
+        last = torch.arange(length - 1, rows, length)  # each sequence's last prompt row
+        long, ranked, short = (LearnedPredictor(heads, [0, 1, 2], lookahead=2) for _ in range(3))
+        for layer, x in prefill.items():
+            assert same(long.predict(0, layer, x, None), ranked.predict(0, layer, x[sample], None))
+            short.predict(0, layer, x[last], None)
+        for layer, x in decode.items():
+            assert same(long.predict(1, layer, x, None), short.predict(1, layer, x, None))
