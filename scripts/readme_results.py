@@ -138,9 +138,11 @@ def compare() -> str:
     caches = list(dict.fromkeys(row["cache"] for row in r["rows"]))
     names = list(dict.fromkeys(row["baseline"] for row in r["rows"]))
     by = {(row["cache"], row["baseline"]): row for row in r["rows"]}
+    interleaved = r.get("interleaved", False)
     lines = [f"""`activemoe compare --model activemoe/assets/tiny-moe --predictors none,pregate,learned,adaptive --policies
-lru,slru --caches 25%,50% --prompt-tokens 256 --lookahead 3 --out bench/results/compare_bundled_cpu` (link
-{r['link']}, {r['new_tokens']} new tokens, median of {r['runs']} runs; decode tok/s, decode hit rate in brackets):
+lru,slru --caches 25%,50% --prompt-tokens 256 --lookahead 3{' --interleave' if interleaved else ''} --out
+bench/results/compare_bundled_cpu` (link {r['link']}, {r['new_tokens']} new tokens, median of {r['runs']}
+{'interleaved ' if interleaved else ''}runs; decode tok/s, decode hit rate in brackets):
 """, "| cache | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for cache in caches:
         lines.append(f"| {cache} | " + " | ".join(
