@@ -306,13 +306,12 @@ class LearnedPredictor:
         previous, c, held = self.rows, self.context, self.held
         self.addend = self.bias[None]
         if self.context_width and previous and previous % rows == 0:
-            every = previous // rows
-            pick = np.arange(every - 1, previous, every)  # [rows] each sequence's last row
+            every = previous // rows  # each sequence's last row: every-th, from every - 1
             if c is not None:
-                self.addend = (c if every == 1 else c[pick])[:, self.perm] + self.bias  # [rows, A]
+                self.addend = (c if every == 1 else c[every - 1::every])[:, self.perm] + self.bias  # [rows, A]
             elif rows <= MAX_BATCH:  # a long step held these rows' inputs: their context parts, computed now
                 c = np.zeros((rows, self.context_width), np.float32)
-                at = torch.from_numpy(np.searchsorted(self.held_rows, pick))
+                at = torch.from_numpy(np.searchsorted(self.held_rows, np.arange(every - 1, previous, every)))
                 for layer, hidden in held.items():
                     a, b = self.context_at[layer]
                     c[:, a:b] = _matmul(hidden[at], self.weight[layer][:, a - b:])
