@@ -306,12 +306,12 @@ class LearnedPredictor:
         previous, c, held = self.rows, self.context, self.held
         self.addend = self.bias[None]
         if self.context_width and previous and previous % rows == 0:
-            every = previous // rows  # each sequence's last row: every-th, from every - 1
             if c is not None:
-                self.addend = (c if every == 1 else c[every - 1::every])[:, self.perm] + self.bias  # [rows, A]
+                c = c if previous == rows else c[_last_rows(previous, rows)]
+                self.addend = c[:, self.perm] + self.bias  # [rows, A]
             elif rows <= MAX_BATCH:  # a long step held these rows' inputs: their context parts, computed now
                 c = np.zeros((rows, self.context_width), np.float32)
-                at = torch.from_numpy(np.searchsorted(self.held_rows, np.arange(every - 1, previous, every)))
+                at = torch.from_numpy(np.searchsorted(self.held_rows, _last_rows(previous, rows)))
                 for layer, hidden in held.items():
                     a, b = self.context_at[layer]
                     c[:, a:b] = _matmul(hidden[at], self.weight[layer][:, a - b:])
@@ -320,14 +320,15 @@ class LearnedPredictor:
         if rows <= RANKED_ROWS:
             self.context = np.zeros((rows, self.context_width), np.float32)
         else:  # a long step keeps, instead of its context parts, the inputs at each sequence's last row
-            self.context, self.held_rows = None, _last_rows(rows)
+            self.context = None  # held_rows: the rows any decode batch up to MAX_BATCH could read next
+            batches = [b for b in range(1, min(rows, MAX_BATCH) + 1) if rows % b == 0]
+            self.held_rows = np.unique(np.concatenate([_last_rows(rows, b) for b in batches]))
 
 
-def _last_rows(total: int) -> np.ndarray:
-    """The rows a next step of B rows reads after a step of `total` rows (each sequence's last), for every
-    batch size B up to MAX_BATCH that divides `total`. [R']"""
-    return np.unique(np.concatenate([np.arange(total // b - 1, total, total // b)
-                                     for b in range(1, min(total, MAX_BATCH) + 1) if total % b == 0]))
+def _last_rows(total: int, batch: int) -> np.ndarray:
+    """Each sequence's last row, when `total` rows are `batch` sequences one after another. [batch]"""
+    every = total // batch
+    return np.arange(every - 1, total, every)
 
 
 def _matmul(x: torch.Tensor, weight: np.ndarray | torch.Tensor) -> np.ndarray:
