@@ -149,6 +149,10 @@ def run_bench(config: BenchConfig, progress: Progress = lambda _: None,
     slow spell of the machine hits them alike; else one baseline is loaded at a time."""
     if config.runs < 1 or config.new_tokens < 2:
         raise UserError("--runs must be at least 1 and --new-tokens at least 2")
+    limit = getattr(AutoConfig.from_pretrained(config.model_dir).get_text_config(), "max_position_embeddings", None)
+    if limit is not None and max(config.prompt_lengths) + config.new_tokens > limit:
+        raise UserError(f"a {max(config.prompt_lengths)}-token prompt plus {config.new_tokens} new tokens exceeds the "
+                        f"model's context of {limit} positions (max_position_embeddings)")
     shapes = [(length, batch) for length in config.prompt_lengths for batch in config.batch_sizes]
     fitting = []
     for spec in config.baselines:

@@ -30,7 +30,7 @@ def _add_generate(sub) -> None:
     prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3 (works without a tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (default: the model's generation config)")
-    p.add_argument("--temperature", type=float, help="sampling temperature (turns sampling on)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (turns sampling on); 0 means greedy")
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold (turns sampling on)")
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default cpu)")
@@ -101,8 +101,10 @@ def cmd_generate(args) -> int:
                           quant_cache_dir=args.quant_cache,
                           prefetch=PrefetchConfig(predictor=args.predictor, lookahead=args.lookahead,
                                                   predictor_file=args.predictor_file))
-    do_sample = False if args.greedy else (True if args.temperature is not None or args.top_p is not None else None)
-    sampling = SamplingConfig(do_sample=do_sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    greedy = args.greedy or args.temperature == 0  # as in llama.cpp and the OpenAI API
+    temperature = None if args.temperature == 0 else args.temperature
+    do_sample = False if greedy else (True if temperature is not None or args.top_p is not None else None)
+    sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_p=args.top_p, seed=args.seed)
     with cli_tools.progress_bar("reading experts") as on_progress:
         eng = engine.load(args.model, config, on_progress)
     ids = _prompt_ids(args.prompt_ids) if args.prompt_ids is not None else eng.encode(args.prompt)

@@ -74,6 +74,12 @@ class SamplingConfig:
     top_p: float | None = None
     seed: int | None = None
 
+    def __post_init__(self):
+        if self.temperature is not None and not self.temperature > 0:
+            raise UserError(f"temperature must be positive, got {self.temperature} (greedy decoding: do_sample=False, or --greedy)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}

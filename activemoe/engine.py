@@ -224,6 +224,12 @@ class Engine:
         bad = [t for p in batch for t in p if not 0 <= t < self.vocab_size]
         if bad:
             raise UserError(f"prompt ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        if max_new_tokens < 1:
+            raise UserError("max_new_tokens must be at least 1")
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if limit is not None and max(map(len, batch)) + max_new_tokens > limit:
+            raise UserError(f"a {max(map(len, batch))}-token prompt plus {max_new_tokens} new tokens exceeds the model's "
+                            f"context of {limit} positions (max_position_embeddings); generate fewer tokens")
         if len(batch) > 1 and on_token is not None:
             raise UserError("streaming tokens needs a single prompt")
         prompt_ids = batch

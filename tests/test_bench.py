@@ -152,6 +152,7 @@ def test_bench_bad_input(capsys, checkpoint, tmp_path):
     assert_user_error(capsys, base + ["--baselines", "reactive,warp"], "unknown baseline 'warp'", "accelerate")
     assert_user_error(capsys, base + ["--batch-size", "0"], "--batch-size")
     assert_user_error(capsys, base + ["--cache", "1"], "minimum is 2")  # below one layer's top-k
+    assert_user_error(capsys, base + ["--prompt-lengths", "254"], "254-token prompt plus 3 new tokens", "context of 256 positions")
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert_user_error(capsys, base + ["--out", str(blocker / "sub")], "cannot write to --out")

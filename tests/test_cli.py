@@ -110,6 +110,28 @@ def test_prompt_ids_not_integers(capsys, checkpoint):
     assert_user_error(capsys, argv, "comma-separated integers")
 
 
+@pytest.mark.parametrize("flag, value, needle", [("--temperature", "-1", "temperature must be positive"),
+                                                ("--top-p", "0", "top-p must be in (0, 1]"),
+                                                ("--top-p", "1.5", "top-p must be in (0, 1]")])
+def test_sampling_values_out_of_range(capsys, checkpoint, flag, value, needle):
+    assert_user_error(capsys, gen(checkpoint("qwen3_moe"), flag, value), needle)
+
+
+def test_temperature_zero_is_greedy(capsys, checkpoint):
+    model_dir = checkpoint("qwen3_moe")
+    outputs = []
+    for flags in (["--greedy"], ["--temperature", "0", "--seed", "1"]):
+        rc, out, err = run(capsys, *gen(model_dir, "--json", "--max-new-tokens", "8", *flags))
+        assert rc == 0, err
+        outputs.append(json.loads(out)["token_ids"])
+    assert outputs[0] == outputs[1]
+
+
+def test_generation_longer_than_the_context(capsys, checkpoint):  # the tiny checkpoints have 256 positions
+    argv = gen(checkpoint("qwen3_moe"), "--max-new-tokens", "254")
+    assert_user_error(capsys, argv, "3-token prompt plus 254 new tokens", "context of 256 positions")
+
+
 def test_size_string_that_does_not_parse(capsys, checkpoint):
     assert_user_error(capsys, gen(checkpoint("qwen3_moe"), "--expert-memory", "12 parsecs"), "cannot parse size")
 
