@@ -74,8 +74,8 @@ def plan(shape: ModelShape, budget_bytes: int, context_tokens: int = 4096, promp
     fixed = shape.resident_bytes + kv + activations + workspace_bytes
     minimum = fixed + shape.top_k * shape.expert_bytes
     if budget_bytes < minimum:
-        raise UserError(f"a budget of {budget_bytes / MiB:.1f} MiB is too small: this model needs at least "
-                        f"{minimum / MiB:.1f} MiB: {fixed / MiB:.1f} MiB for the resident weights, the KV cache at "
+        raise UserError(f"a budget of {budget_bytes / MiB:.3g} MiB is too small: this model needs at least "
+                        f"{minimum / MiB:.1f} MiB ({fixed / MiB:.1f} MiB for the resident weights, the KV cache at "
                         f"{context_tokens} tokens, activations and workspace, plus {shape.top_k} expert slots)")
     slots = min(shape.total_experts, (budget_bytes - fixed) // shape.expert_bytes)
     return MemoryPlan(budget_bytes=budget_bytes, resident_bytes=shape.resident_bytes, kv_bytes=kv,
