@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -34,7 +35,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold (turns sampling on)")
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="compute dtype of the resident weights and expert slots (default auto: the checkpoint's own, "
+                        "float32 when its config names none)")
     slots = p.add_mutually_exclusive_group()
     slots.add_argument("--cache-experts", type=int, help="expert slots on the device (default: 25%% of all experts)")
     slots.add_argument("--expert-memory", help="memory for expert slots, e.g. 2GiB; sets the slot count")
@@ -165,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("activemoe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as the Python docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ CPU_LINK_GBPS = 0.25  # default emulated link on CPU: one expert of the bundled 
 def _common(p) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default auto: the checkpoint's)")
     p.add_argument("--link-gbps", type=float,
                    help=f"emulated host-to-device link in GB/s (CPU only; default {CPU_LINK_GBPS} on CPU; CUDA uses "
                         "its real link)")
@@ -121,10 +121,13 @@ def _measure(fn):
 def conditions(config: BenchConfig) -> dict:
     import torch
 
+    from activemoe.engine import checkpoint_dtype
+
     e = config.engine
     link = e.link.link_gbps
+    dtype = str(checkpoint_dtype(config.model_dir, e.dtype)).removeprefix("torch.")
     return {"measured": "wall clock", "machine": f"{platform.processor() or platform.machine()}, "
-                                                 f"{os.cpu_count()} cores", "device": e.device, "dtype": e.dtype,
+                                                 f"{os.cpu_count()} cores", "device": e.device, "dtype": dtype,
             "link": f"emulated {link} GB/s" if link and e.device == "cpu" else "real",
             "torch_threads": torch.get_num_threads(), "model": str(config.model_dir),
             "routing": f"replayed from {e.replay_routing} (approximate)" if e.replay_routing else "exact",

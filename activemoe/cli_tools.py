@@ -48,7 +48,7 @@ def _add_perplexity(sub) -> None:
     source.add_argument("--prompts", help="text file, one text per line")
     source.add_argument("--split", choices=("heldout", "train"), help="a bundled-style model's corpus split")
     p.add_argument("--routing", default="exact", choices=ROUTING)
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default auto: the checkpoint's)")
     add_precision_flags(p)
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=256)
@@ -63,19 +63,20 @@ def _add_plan(sub) -> None:
     p.add_argument("--gpu-memory", required=True, help="e.g. 12GiB")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--device", default="cuda", help="cuda (reserves 256 MiB workspace) or cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default auto: the checkpoint's)")
     cli_simulate.add_estimate_flags(p)
 
 
 def cmd_plan(args) -> int:
     from dataclasses import asdict
 
-    from activemoe.engine import memory_plan, model_shape
+    from activemoe.engine import checkpoint_dtype, memory_plan, model_shape
 
     config = EngineConfig(device=args.device, dtype=args.dtype,
                           cache=CacheConfig(device_memory_bytes=parse_size(args.gpu_memory), context_tokens=args.context))
     result = memory_plan(args.model, config)
-    print(f"memory plan for {args.model} ({args.dtype}, {args.device}):")
+    dtype = str(checkpoint_dtype(args.model, args.dtype)).removeprefix("torch.")
+    print(f"memory plan for {args.model} ({dtype}, {args.device}):")
     for name, value in result.rows():
         print(f"  {name:<34} {value}")
     estimate = cli_simulate.plan_estimate(args, model_shape(args.model, args.dtype), result.num_slots)
@@ -93,7 +94,7 @@ def _add_profile(sub) -> None:
                                    "recommend --experts-on; save it all as JSON.")
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default auto: the checkpoint's)")
     p.add_argument("--out", help="write the profile JSON here (atomically)")
 
 
@@ -140,7 +141,8 @@ def cmd_perplexity(args) -> int:
         eng = engine.load(args.model, config, on_progress)
     with eng:
         ppl, tokens = eng.perplexity(_chunks(eng, _texts(args), args.seq_len, args.max_tokens))
-    print(json.dumps({"model": args.model, "routing": args.routing, "precision": args.precision, "dtype": args.dtype,
+    dtype = str(engine.checkpoint_dtype(args.model, args.dtype)).removeprefix("torch.")
+    print(json.dumps({"model": args.model, "routing": args.routing, "precision": args.precision, "dtype": dtype,
                       "perplexity": ppl, "tokens": tokens,
                       "approximate": args.routing != "exact" or args.precision != "native"}))
     return 0

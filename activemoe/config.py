@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from activemoe.errors import UserError
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: the checkpoint's own
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ ROUTING = ("exact", "pregated")
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "cpu"  # compute device: "cpu" or "cuda[:N]"
-    dtype: str = "float32"  # compute dtype of the resident weights and the slots (one of DTYPES)
+    dtype: str = "auto"  # compute dtype of the resident weights and the slots (one of DTYPES; auto: the checkpoint's)
     cache: CacheConfig = field(default_factory=CacheConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     link: LinkConfig = field(default_factory=LinkConfig)

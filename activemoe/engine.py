@@ -335,12 +335,28 @@ def num_slots_for(cache: CacheConfig, total_experts: int, expert_bytes: int, top
     return min(slots, total_experts)
 
 
-def model_shape(model_dir: str | Path, dtype_name: str = "float32") -> ModelShape:
+def compute_dtype(hf_config, name: str) -> torch.dtype:
+    """`name`, or for "auto" the checkpoint's own dtype (as transformers' dtype="auto"), so that a bf16
+    checkpoint is not doubled in host RAM, in the slots and on the link; float32 when its config names none
+    or one ActiveMoE does not compute in."""
+    if name != "auto":
+        return getattr(torch, name)
+    saved = getattr(hf_config.get_text_config(), "dtype", None)
+    saved = getattr(torch, saved, None) if isinstance(saved, str) else saved
+    return saved if saved in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def checkpoint_dtype(model_dir: str | Path, name: str) -> torch.dtype:
+    """compute_dtype of the checkpoint in `model_dir`."""
+    return compute_dtype(_config(model_dir_of(model_dir)), name)
+
+
+def model_shape(model_dir: str | Path, dtype_name: str = "auto") -> ModelShape:
     """The planner's view of a checkpoint: the model built on the meta device (no memory), experts
     stripped as the loader strips them, so resident bytes and expert shapes are exact."""
     model_dir = model_dir_of(model_dir)
-    dtype = getattr(torch, dtype_name)
     hf_config = _config(model_dir)
+    dtype = compute_dtype(hf_config, dtype_name)
     classes = _experts_classes(hf_config)
     with experts_without_weights(classes), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
@@ -402,10 +418,10 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     start = time.perf_counter()
     model_dir = model_dir_of(model_dir)
     device = _device(config.device)
-    dtype = getattr(torch, config.dtype)
     policy = make_policy(config.cache.policy)
     _check_choices(config)
     hf_config = _config(model_dir)
+    dtype = compute_dtype(hf_config, config.dtype)
     classes = _experts_classes(hf_config)
     index = CheckpointIndex(model_dir)
     budget = memory_plan(model_dir, config) if config.cache.device_memory_bytes is not None else None

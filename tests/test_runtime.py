@@ -1,5 +1,6 @@
-"""Runtime faults: a failing expert read is a clear error and leaves the runtime usable."""
+"""The runtime: a failing expert read is a clear error and leaves it usable; long decodes; the compute dtype."""
 import pytest
+import torch
 
 import activemoe
 from activemoe.cache_meta import SlotState
@@ -38,3 +39,12 @@ def test_long_decode_with_smallest_cache(checkpoint):
     cache = eng.runtime.loader.cache
     assert len(out.token_ids) >= 1 and all(m.pin_count == 0 for m in cache.meta)
     assert len(cache.resident()) == 2
+
+
+@pytest.mark.parametrize("asked, expected", [("auto", torch.bfloat16), ("float32", torch.float32)])
+def test_dtype_auto_keeps_the_checkpoints_dtype(checkpoint, asked, expected):
+    """A bf16 checkpoint stays bf16 by default (not doubled in host RAM, slots and link bytes)."""
+    model_dir = checkpoint("qwen3_moe", dtype=torch.bfloat16)
+    with activemoe.load(model_dir, EngineConfig(dtype=asked)) as eng:
+        assert eng.runtime.store.dtype == expected and eng.model.dtype == expected
+        assert eng.runtime.loader.slab.buffers["down_proj"].dtype == expected
