@@ -75,8 +75,8 @@ def cmd_plan(args) -> int:
     config = EngineConfig(device=args.device, dtype=args.dtype,
                           cache=CacheConfig(device_memory_bytes=parse_size(args.gpu_memory), context_tokens=args.context))
     result = memory_plan(args.model, config)
-    dtype = str(checkpoint_dtype(args.model, args.dtype)).removeprefix("torch.")
-    print(f"memory plan for {args.model} ({dtype}, {args.device}):")
+    args.dtype = str(checkpoint_dtype(args.model, args.dtype)).removeprefix("torch.")  # names the estimate's cost model
+    print(f"memory plan for {args.model} ({args.dtype}, {args.device}):")
     for name, value in result.rows():
         print(f"  {name:<34} {value}")
     estimate = cli_simulate.plan_estimate(args, model_shape(args.model, args.dtype), result.num_slots)
