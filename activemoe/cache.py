@@ -27,6 +27,7 @@ class CacheStats:
     loads: int = 0  # slots assigned to a new expert
     evictions: int = 0  # loads that displaced a resident expert
     wasted: int = 0  # speculative loads evicted (or aborted) before their first use
+    prefetch_used: int = 0  # speculative loads used (their first use)
 
     def get_and_reset(self) -> CacheStats:
         snapshot = CacheStats(**{f.name: getattr(self, f.name) for f in fields(self)})
@@ -83,6 +84,7 @@ class ExpertCache:
         meta = self.meta[slot]
         meta.last_use = self._clock
         meta.use_count += 1
+        self.stats.prefetch_used += meta.speculative
         meta.speculative = False
         for changed in self.policy.on_touch(slot, self.meta) or ():
             self._push(changed)

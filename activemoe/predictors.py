@@ -111,6 +111,7 @@ class OraclePredictor:
     """
 
     name = "oracle"
+    may_rest = False  # Belady's eviction reads its clock, which predict() advances
 
     def __init__(self, trace: list[Routing], lookahead: int):
         if lookahead < 1:

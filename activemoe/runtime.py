@@ -22,6 +22,7 @@ from activemoe.predictors import TOKENS, Announcer, NoPredictor, Prediction, Pre
 from activemoe.store import ExpertStore
 
 IMPLEMENTATION = "activemoe"
+REST_AFTER = 8  # decode steps in a row in which prediction saved nothing, after which the predictor rests until a miss
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class RuntimeStats:
     late_miss_activations: int = 0  # routed activations those served
     late_miss_bytes: int = 0  # int4 bytes those moved
     decode_predict_s: float = 0.0  # wall time of decode steps in the predictor and its announcer, in place
+    decode_layers: int = 0  # MoE-layer calls of decode steps
+    decode_rested: int = 0  # of those, calls at which the predictor rested
 
     @property
     def hit_rate(self) -> float:
@@ -126,14 +129,34 @@ class ExpertRuntime:
         self._tokens_at = None
         self.decoding = False  # set by the engine once the prompt's forward is done
         self.announce = Announcer(budget)  # predictions -> loader requests (`budget` per target), live recall
+        self.rest_after: int | None = REST_AFTER  # None: the predictor never rests
+        self.quiet = 0  # decode steps in a row without a miss or a use of a prefetched expert
+        self._count_at_step: int | None = None  # misses + prefetches used, before the current decode step
 
     def begin(self) -> None:
         """A new generation: events restart at 0."""
         self.event = 0
         self._tokens_at = None  # the event before which the current token embeddings were handed over
         self.decoding = False
+        self.quiet, self._count_at_step = 0, None
         self.announce.begin()
         self.predictor.begin()
+
+    @property
+    def resting(self) -> bool:
+        """While the routed experts stay resident (a short loop of tokens, a large cache), predictions save
+        nothing and cost time, and their wrong guesses link bytes and evictions: after `rest_after` decode
+        steps without a miss or a use of a prefetched expert, the predictor is not called until a routed
+        expert misses (that miss is loaded on demand, as reactive LRU would)."""
+        return (self.rest_after is not None and self.quiet >= self.rest_after
+                and getattr(self.predictor, "may_rest", True))
+
+    def _count_quiet_step(self) -> None:
+        """At a decode step's first MoE layer: was the step before it quiet (no miss, no prefetch used)?"""
+        count = self.loader.scheduler.stats.critical + self.loader.cache.stats.prefetch_used
+        if self._count_at_step is not None:
+            self.quiet = self.quiet + 1 if count == self._count_at_step else 0
+        self._count_at_step = count
 
     def forward(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -163,14 +186,23 @@ class ExpertRuntime:
                 run(ExpertId(layer, e), self.store.read(ExpertId(layer, e)))
             return out
 
+        resting = False
+        if self.decoding:
+            if layer == self.store.layers[0]:
+                self._count_quiet_step()
+            resting = self.resting
+            self.stats.decode_layers += 1
+            self.stats.decode_rested += resting
         start = time.perf_counter()
-        predictions = self.predictor.predict(event, layer, hidden, top_k_index)
+        predictions = [] if resting else self.predictor.predict(event, layer, hidden, top_k_index)
         if self.stream_prefill and not self.decoding and top_k_index.shape[0] > 1:
             predictions = self._streamed(layer, predictions)
         predicted = self.announce(event, routed, top_k_index.shape[-1], top_k_index.shape[0] == 1, predictions)
         if self.decoding:
             self.stats.decode_predict_s += time.perf_counter() - start
         ready, waiting = self.loader.begin_layer(event, [ExpertId(layer, e) for e in routed], predicted)
+        if waiting:
+            self.quiet = 0  # a miss: the predictor is needed again (from the next layer on)
         hits = sum(counts[eid.expert] for eid, _ in ready)
         self.stats.hits += hits
         if self.decoding:
@@ -215,7 +247,7 @@ class ExpertRuntime:
         x = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
         if self.recorder is not None:
             self.recorder.tokens(x)
-        if getattr(self.predictor, "sees_tokens", False) and self.experts_on != "host":
+        if getattr(self.predictor, "sees_tokens", False) and self.experts_on != "host" and not self.resting:
             start = time.perf_counter()
             predictions = self.predictor.predict(self.event - 1, TOKENS, x, None)
             requests = self.announce.ahead(self.event - 1, predictions, self.announce.budget)

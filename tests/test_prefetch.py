@@ -103,3 +103,40 @@ def test_thousand_decode_steps_smallest_cache_no_deadlock(tmp_path):
         worker.join(timeout=300)
         assert not worker.is_alive(), "generation deadlocked"
         assert done and all(m.pin_count == 0 for m in eng.runtime.loader.cache.meta)
+
+
+class _CountingPredictor:
+    """Names nothing; counts its calls."""
+
+    name = "counting"
+
+    def __init__(self):
+        self.calls = 0
+
+    def begin(self) -> None:
+        pass
+
+    def predict(self, event, layer, hidden, top_k_index):
+        self.calls += 1
+        return []
+
+
+def test_predictor_rests_while_nothing_misses_and_a_miss_wakes_it(checkpoint):
+    with activemoe.load(checkpoint("qwen3_moe"), EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng:
+        predictor, runtime = _CountingPredictor(), eng.runtime
+        runtime.predictor, runtime.rest_after = predictor, 2
+        calls = []  # predictor calls made before each new token
+
+        def on_token(_):
+            calls.append(predictor.calls)
+            if len(calls) == 12:  # resting by now: empty the slots, so the next step misses
+                runtime.loader.reset()
+
+        out = eng.generate(PROMPT[0].tolist(), max_new_tokens=20, sampling=GREEDY, on_token=on_token)
+    per_step = [b - a for a, b in zip(calls, calls[1:])]  # calls in decode steps 1, 2, ...
+    layers = len(runtime.store.layers)
+    assert per_step[:2] == [layers] * 2  # awake for two quiet steps (rest_after), then it rests
+    assert per_step[2:11] == [0] * 9  # every expert resident: no miss, no call
+    assert per_step[11] > 0  # the emptied slots miss: it predicts again, from the layer after the first miss
+    assert per_step[-1] == 0  # and rests once the experts are back
+    assert 0 < out.stats.predictor_rested < 1
