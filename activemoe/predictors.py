@@ -96,6 +96,7 @@ class NoPredictor:
     """Prefetch nothing: the reactive baseline."""
 
     name = "none"
+    may_rest = False  # it costs nothing: its stats should not report it resting
 
     def begin(self) -> None:
         pass
