@@ -12,11 +12,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from activemoe.baselines import RunResult, Runner, make_runner
 from activemoe.config import CacheConfig, EngineConfig
-from activemoe.engine import encode_text, load_tokenizer, model_shape
+from activemoe.engine import check_context, checkpoint_config, encode_text, load_tokenizer, model_shape
 from activemoe.errors import UserError
 from activemoe.learned import SIDECAR
 from activemoe.trace import HELDOUT_LIST, split_texts
@@ -89,7 +88,7 @@ def bench_prompts(config: BenchConfig) -> dict[tuple[int, int], list[list[int]]]
     for a bundled-style model, whichever baseline runs first; else random ids."""
     tokenizer = load_tokenizer(config.model_dir)
     encode = None if tokenizer is None else partial(encode_text, tokenizer)
-    vocab = AutoConfig.from_pretrained(config.model_dir).get_text_config().vocab_size
+    vocab = checkpoint_config(config.model_dir).get_text_config().vocab_size
     return {(length, batch): prompts_for(config.model_dir, encode, vocab, length, batch)
             for length in config.prompt_lengths for batch in config.batch_sizes}
 
@@ -149,10 +148,7 @@ def run_bench(config: BenchConfig, progress: Progress = lambda _: None,
     slow spell of the machine hits them alike; else one baseline is loaded at a time."""
     if config.runs < 1 or config.new_tokens < 2:
         raise UserError("--runs must be at least 1 and --new-tokens at least 2")
-    limit = getattr(AutoConfig.from_pretrained(config.model_dir).get_text_config(), "max_position_embeddings", None)
-    if limit is not None and max(config.prompt_lengths) + config.new_tokens > limit:
-        raise UserError(f"a {max(config.prompt_lengths)}-token prompt plus {config.new_tokens} new tokens exceeds the "
-                        f"model's context of {limit} positions (max_position_embeddings)")
+    check_context(checkpoint_config(config.model_dir), max(config.prompt_lengths), config.new_tokens)
     shapes = [(length, batch) for length in config.prompt_lengths for batch in config.batch_sizes]
     fitting = []
     for spec in config.baselines:

@@ -227,10 +227,7 @@ class Engine:
             raise UserError(f"prompt ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
         if max_new_tokens < 1:
             raise UserError("max_new_tokens must be at least 1")
-        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        if limit is not None and max(map(len, batch)) + max_new_tokens > limit:
-            raise UserError(f"a {max(map(len, batch))}-token prompt plus {max_new_tokens} new tokens exceeds the model's "
-                            f"context of {limit} positions (max_position_embeddings); generate fewer tokens")
+        check_context(self.model.config, max(map(len, batch)), max_new_tokens)
         if len(batch) > 1 and on_token is not None:
             raise UserError("streaming tokens needs a single prompt")
         prompt_ids = batch
@@ -348,9 +345,26 @@ def compute_dtype(hf_config, name: str) -> torch.dtype:
     return saved if saved in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
+def checkpoint_config(model_dir: str | Path):
+    """The transformers config of the checkpoint in `model_dir`; a clear error when it cannot be read."""
+    return _config(model_dir_of(model_dir))
+
+
 def checkpoint_dtype(model_dir: str | Path, name: str) -> torch.dtype:
     """compute_dtype of the checkpoint in `model_dir`."""
-    return compute_dtype(_config(model_dir_of(model_dir)), name)
+    return compute_dtype(checkpoint_config(model_dir), name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_context(hf_config, prompt_tokens: int, new_tokens: int) -> None:
+    """Refuse a generation longer than the model's context (max_position_embeddings), when its config names one."""
+    limit = getattr(hf_config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and prompt_tokens + new_tokens > limit:
+        raise UserError(f"a {prompt_tokens}-token prompt plus {new_tokens} new tokens exceeds the model's context of "
+                        f"{limit} positions (max_position_embeddings); generate fewer tokens")
 
 
 def model_shape(model_dir: str | Path, dtype_name: str = "auto") -> ModelShape:
