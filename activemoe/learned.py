@@ -253,8 +253,6 @@ class LearnedPredictor:
         weight = self.weight.get(layer)
         if weight is None:
             return []
-        if hidden.dtype != torch.float32:  # numpy has no bfloat16
-            hidden = hidden.float()
         rows = hidden.shape[0]
         if self._last is None or layer <= self._last or rows != self.rows:
             self._step(rows)
@@ -332,10 +330,11 @@ def _last_rows(total: int, batch: int) -> np.ndarray:
 
 
 def _matmul(x: torch.Tensor, weight: np.ndarray | torch.Tensor) -> np.ndarray:
-    """x @ weight on the weight's side (numpy on the host, or torch on its device), back as numpy."""
+    """x @ weight on the weight's side (numpy on the host, or torch on its device), back as numpy. Only the
+    rows multiplied are converted to float32 (numpy has no bfloat16), not a long prefill's whole input."""
     if isinstance(weight, np.ndarray):
-        return x.numpy(force=True) @ weight
-    return (x.to(weight.device) @ weight).cpu().numpy()
+        return (x if x.dtype == torch.float32 else x.float()).numpy(force=True) @ weight
+    return (x.to(weight.device, weight.dtype) @ weight).cpu().numpy()
 
 
 def _mlp_width(head: Head) -> int:
