@@ -291,7 +291,7 @@ def cmd_predict_eval(args) -> int:
         # Cost in place: each predictor drives all-resident greedy decoding (no loads), median of 3 runs.
         prompt = list(range(3, 35))
         shares, steps = {}, {}
-        eng.runtime.rest_after = None  # every expert is resident: a predictor allowed to rest would not run at all
+        eng.runtime.rest.after = None  # every expert is resident: a predictor allowed to rest would not run at all
         for p in [NoPredictor(), *predictors]:
             eng.runtime.predictor = p
             runs = [eng.generate(prompt, max_new_tokens=64, sampling=SamplingConfig(do_sample=False)).stats

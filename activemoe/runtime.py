@@ -19,10 +19,10 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 from activemoe.ids import ExpertId
 from activemoe.loader import Loader
 from activemoe.predictors import TOKENS, Announcer, NoPredictor, Prediction, Predictor
+from activemoe.rest import Rest
 from activemoe.store import ExpertStore
 
 IMPLEMENTATION = "activemoe"
-REST_AFTER = 8  # decode steps in a row in which prediction saved nothing, after which the predictor rests until a miss
 
 
 @dataclass(frozen=True)
@@ -129,34 +129,24 @@ class ExpertRuntime:
         self._tokens_at = None
         self.decoding = False  # set by the engine once the prompt's forward is done
         self.announce = Announcer(budget)  # predictions -> loader requests (`budget` per target), live recall
-        self.rest_after: int | None = REST_AFTER  # None: the predictor never rests
-        self.quiet = 0  # decode steps in a row without a miss or a use of a prefetched expert
-        self._count_at_step: int | None = None  # misses + prefetches used, before the current decode step
+        self.rest = Rest()  # when the predictor rests (rest.py)
 
     def begin(self) -> None:
         """A new generation: events restart at 0."""
         self.event = 0
         self._tokens_at = None  # the event before which the current token embeddings were handed over
         self.decoding = False
-        self.quiet, self._count_at_step = 0, None
+        self.rest.begin()
         self.announce.begin()
         self.predictor.begin()
 
     @property
     def resting(self) -> bool:
-        """While the routed experts stay resident (a short loop of tokens, a large cache), predictions save
-        nothing and cost time, and their wrong guesses link bytes and evictions: after `rest_after` decode
-        steps without a miss or a use of a prefetched expert, the predictor is not called until a routed
-        expert misses (that miss is loaded on demand, as reactive LRU would)."""
-        return (self.rest_after is not None and self.quiet >= self.rest_after
-                and getattr(self.predictor, "may_rest", True))
+        return self.rest.resting(self.predictor)
 
     def _count_quiet_step(self) -> None:
-        """At a decode step's first MoE layer: was the step before it quiet (no miss, no prefetch used)?"""
-        count = self.loader.scheduler.stats.critical + self.loader.cache.stats.prefetch_used
-        if self._count_at_step is not None:
-            self.quiet = self.quiet + 1 if count == self._count_at_step else 0
-        self._count_at_step = count
+        """At a decode step's first MoE layer: misses and prefetched experts used so far."""
+        self.rest.step(self.loader.scheduler.stats.critical + self.loader.cache.stats.prefetch_used)
 
     def forward(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -202,7 +192,7 @@ class ExpertRuntime:
             self.stats.decode_predict_s += time.perf_counter() - start
         ready, waiting = self.loader.begin_layer(event, [ExpertId(layer, e) for e in routed], predicted)
         if waiting:
-            self.quiet = 0  # a miss: the predictor is needed again (from the next layer on)
+            self.rest.miss()
         hits = sum(counts[eid.expert] for eid, _ in ready)
         self.stats.hits += hits
         if self.decoding:

@@ -25,6 +25,7 @@ from activemoe.loader import QUEUE_DEPTH
 from activemoe.loader_core import LoaderCore, first_layer_reserve
 from activemoe.policies import Belady, make_policy
 from activemoe.predictors import Announcer, HistoryPredictor, NoPredictor, OraclePredictor, Prediction
+from activemoe.rest import Rest
 from activemoe.scheduler import LoadTask, PrefetchScheduler
 from activemoe.workload import Event, Workload
 
@@ -64,6 +65,7 @@ class SimResult:
     stall_s: float  # decode time the compute path waited for loads
     bytes_moved: int
     recall: dict[str, float]  # lookahead k -> recall@k over decode steps
+    predictor_rested: float  # share of decode MoE-layer events at which the predictor rested (rest.py)
     compute_floor_tok_s: float  # every expert resident
     link_floor_tok_s: float  # Belady's (minimum) decode loads over the link, no compute
     oracle_bound_tok_s: float  # perfect prediction + Belady + perfect overlap
@@ -75,6 +77,7 @@ class DegradedOracle:
     replaced by an expert of the same layer that is not routed there (the budget stays the same)."""
 
     name = "oracle-degraded"
+    may_rest = False  # it models a predictor's accuracy alone, as the oracle it degrades
 
     def __init__(self, oracle: OraclePredictor, recall: float, num_experts: int, seed: int):
         self.oracle, self.recall, self.num_experts = oracle, recall, num_experts
@@ -185,6 +188,7 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
     engine = _CopyEngine(core, cost, chunk_bytes)
     announce = Announcer(p.budget)
     predictor.begin()
+    rest, rested = Rest(), 0  # as the runtime: the predictor rests through quiet decode steps
     t, stall, hits, activations, decode_start, decode_stall = 0.0, 0.0, 0, 0, None, 0.0
     n_prefill = len(workload.layers) if config.prefill_tokens else 0
     for event, ev in enumerate(events):
@@ -193,13 +197,20 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
         t += cost.layer_s(ev.tokens)  # attention, norms, router of this decoder layer
         engine.advance(t)
         clock[0] = event  # the event a future-knowing policy sees from now on (the oracle's `now`)
-        predicted = []
-        if not isinstance(predictor, NoPredictor):
+        predicted, resting = [], False
+        if event >= n_prefill:
+            if ev.layer == workload.layers[0]:
+                rest.step(core.scheduler.stats.critical + cache.stats.prefetch_used)
+            resting = rest.resting(predictor)
+            rested += resting
+        if not isinstance(predictor, NoPredictor) and not resting:
             index = torch.tensor([ev.routed]) if ev.tokens == 1 else torch.tensor(ev.routed)[:, None]
             predicted = announce(event, ev.routed, workload.top_k, ev.tokens == 1,
                                  predictor.predict(event, ev.layer, None, index))
         routed = [ExpertId(ev.layer, e) for e in ev.routed]
         ready, waiting = core.begin_layer(event, routed, predicted)
+        if waiting:
+            rest.miss()
         if core.scheduler.tasks:  # as Loader.begin_layer: a notify only when there is work
             engine.kick(t)
         counts = dict(zip(ev.routed, ev.counts))
@@ -225,7 +236,7 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
     if decode_start is None:
         decode_start, decode_stall = t, stall
     return _result(workload, config, cost, events[n_prefill:], slots, t - decode_start, decode_start,
-                   stall - decode_stall, hits, activations, cache, core, engine, announce)
+                   stall - decode_stall, hits, activations, cache, core, engine, announce, rested)
 
 
 def _predictor(workload: Workload, config: SimConfig, routing) -> tuple[object, list[int]]:
@@ -294,7 +305,7 @@ def bounds(events: list[Event], tokens: int, num_slots: int, cost: CostModel) ->
 
 
 def _result(workload, config, cost, decode_events, slots, decode_s, prefill_s, stall, hits, activations,
-            cache, core, engine, announce) -> SimResult:
+            cache, core, engine, announce, rested: int) -> SimResult:
     tokens = workload.num_tokens - config.prefill_tokens
     compute_floor, link_floor, bound = bounds(decode_events, tokens, slots, cost)
     tok_s = tokens / decode_s if decode_s > 0 else math.inf
@@ -305,5 +316,6 @@ def _result(workload, config, cost, decode_events, slots, decode_s, prefill_s, s
         lookups=cs.hits + cs.misses, loads=cs.loads, evictions=cs.evictions, critical=ss.critical,
         speculative=cs.loads - ss.critical, wasted=cs.wasted, stall_s=stall, bytes_moved=engine.bytes_moved,
         recall={str(k): h / n for k, (h, n) in sorted(announce.recall.items()) if n},
+        predictor_rested=rested / len(decode_events) if decode_events else 0.0,
         compute_floor_tok_s=compute_floor, link_floor_tok_s=link_floor, oracle_bound_tok_s=bound,
         efficiency=tok_s / bound if bound and bound != math.inf else 1.0)

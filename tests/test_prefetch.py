@@ -124,7 +124,7 @@ class _CountingPredictor:
 def test_predictor_rests_while_nothing_misses_and_a_miss_wakes_it(checkpoint):
     with activemoe.load(checkpoint("qwen3_moe"), EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng:
         predictor, runtime = _CountingPredictor(), eng.runtime
-        runtime.predictor, runtime.rest_after = predictor, 2
+        runtime.predictor, runtime.rest.after = predictor, 2
         calls = []  # predictor calls made before each new token
 
         def on_token(_):
@@ -135,7 +135,7 @@ def test_predictor_rests_while_nothing_misses_and_a_miss_wakes_it(checkpoint):
         out = eng.generate(PROMPT[0].tolist(), max_new_tokens=20, sampling=GREEDY, on_token=on_token)
     per_step = [b - a for a, b in zip(calls, calls[1:])]  # calls in decode steps 1, 2, ...
     layers = len(runtime.store.layers)
-    assert per_step[:2] == [layers] * 2  # awake for two quiet steps (rest_after), then it rests
+    assert per_step[:2] == [layers] * 2  # awake for two quiet steps (rest.after), then it rests
     assert per_step[2:11] == [0] * 9  # every expert resident: no miss, no call
     assert per_step[11] > 0  # the emptied slots miss: it predicts again, from the layer after the first miss
     assert per_step[-1] == 0  # and rests once the experts are back

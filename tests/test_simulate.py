@@ -119,6 +119,27 @@ def test_oracle_bound_is_never_below_a_simulated_configuration(seed, slots, poli
     assert 0 < r.efficiency <= 1 + 1e-9
 
 
+def test_the_simulated_predictor_rests_as_the_runtime_does(monkeypatch):
+    """rest.Rest, shared with the runtime: after REST_AFTER quiet decode steps (every routed expert
+    resident, no prefetch used) the history predictor is not called; a miss wakes it from the next layer."""
+    from activemoe.predictors import HistoryPredictor
+    from activemoe.rest import REST_AFTER
+
+    calls: list[int] = []  # the token of each predictor call
+    predict = HistoryPredictor.predict
+    monkeypatch.setattr(HistoryPredictor, "predict", lambda self, event, *a: calls.append(event // 3) or predict(
+        self, event, *a))
+    loop, switched = [[[i, i + 1] for i in range(3)]] * 25, [[[i + 4, i + 5] for i in range(3)]] * 15
+    workload = Workload((0, 1, 2), 8, 2, np.array(loop + switched), "scripted")  # [40, 3, 2]
+    r = simulate(workload, SimConfig(CacheConfig(num_slots=12), PrefetchConfig(predictor="history", lookahead=1),
+                                     prefill_tokens=1), test_cost())
+    per_token = [calls.count(t) for t in range(40)]
+    assert per_token[1:1 + REST_AFTER] == [3] * REST_AFTER  # awake through the quiet steps it counts
+    assert per_token[1 + REST_AFTER:25] == [0] * (24 - REST_AFTER)  # then resting: the loop's experts stay
+    assert per_token[25] == 2  # the switch misses at the first layer: predicting again from the second
+    assert per_token[-1] == 0 and 0 < r.predictor_rested < 1  # and resting once the new experts stay
+
+
 def test_belady_loads_is_the_minimum_on_a_scripted_sequence():
     from activemoe.workload import Event
 
