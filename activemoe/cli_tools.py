@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
 import sys
 
 from activemoe import cli_simulate
-from activemoe.config import DTYPES, ROUTING, CacheConfig, EngineConfig, SamplingConfig, parse_size
+from activemoe.config import DTYPES, ROUTING, CacheConfig, EngineConfig, parse_size
 from activemoe.errors import UserError
 from activemoe.families import offloaded_modules, router_parts
 
@@ -269,7 +268,7 @@ def cmd_predict_eval(args) -> int:
     from pathlib import Path
 
     from activemoe import engine
-    from activemoe.evaluation import evaluate, heatmap
+    from activemoe.evaluation import cost_in_place, evaluate, heatmap
     from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
     from activemoe.predictors import AdaptivePredictor, HistoryPredictor, NoPredictor, PregatePredictor
     from activemoe.trace import load_trace
@@ -288,16 +287,9 @@ def cmd_predict_eval(args) -> int:
                                              HistoryPredictor(layers, trace.num_experts, args.lookahead),
                                              *predictors[2:]], eng.top_k))
         scores = [evaluate(trace, p, budget, args.max_tokens) for p in predictors]
-        # Cost in place: each predictor drives all-resident greedy decoding (no loads), median of 3 runs.
-        prompt = list(range(3, 35))
-        shares, steps = {}, {}
-        eng.runtime.rest.after = None  # every expert is resident: a predictor allowed to rest would not run at all
-        for p in [NoPredictor(), *predictors]:
-            eng.runtime.predictor = p
-            runs = [eng.generate(prompt, max_new_tokens=64, sampling=SamplingConfig(do_sample=False)).stats
-                    for _ in range(3)]
-            shares[p.name] = statistics.median(r.predict_share for r in runs)
-            steps[p.name] = statistics.median(1e6 / r.decode_tok_s for r in runs if r.decode_tok_s)
+        cost = cost_in_place(eng, [NoPredictor(), *predictors])
+        shares = {name: share for name, (share, _) in cost.items()}
+        steps = {name: step for name, (_, step) in cost.items()}
     ks = range(1, args.lookahead + 1)
     if not args.json:
         print(f"predictor evaluation (teacher-forced on {args.trace}; budget {budget} experts per layer). Cost "

@@ -1,16 +1,21 @@
 """Predictor evaluation on a recorded trace (teacher-forced): recall@k and precision@k per target
-layer and lookahead k at a budget of named experts, and each predictor's cost per token.
-It knows nothing about memory or the engine.
+layer and lookahead k at a budget of named experts, and each predictor's cost per token: alone
+(`evaluate`), and in place, on an engine's decode path (`cost_in_place`).
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from activemoe.config import SamplingConfig
 from activemoe.predictors import TOKENS, Predictor
 from activemoe.trace import Trace
+
+
+GREEDY = SamplingConfig(do_sample=False)
 
 
 @dataclass
@@ -72,6 +77,27 @@ def evaluate(trace: Trace, predictor: Predictor, budget: int, max_tokens: int | 
                 score.routed[key] = score.routed.get(key, 0) + len(routed)
                 score.named[key] = score.named.get(key, 0) + len(experts)
     return score
+
+
+def cost_in_place(eng, predictors: list[Predictor], runs: int = 3, new_tokens: int = 64) -> dict[str, tuple[float, float]]:
+    """Each predictor drives greedy decoding on `eng`, which holds every expert in a slot (nothing loads,
+    so the step is compute and the predictor alone): name -> (median share of the decode step spent in the
+    predictor and its announcer, median step in µs). Resting is off: with every expert resident a predictor
+    allowed to rest would not run at all. The engine's own predictor is put back afterwards."""
+    runtime = eng.runtime
+    kept, after = runtime.predictor, runtime.rest.after
+    runtime.rest.after = None
+    prompt = list(range(3, 35))
+    out = {}
+    try:
+        for p in predictors:
+            runtime.predictor = p
+            stats = [eng.generate(prompt, max_new_tokens=new_tokens, sampling=GREEDY).stats for _ in range(runs)]
+            out[p.name] = (statistics.median(s.predict_share for s in stats),
+                           statistics.median(1e6 / s.decode_tok_s for s in stats if s.decode_tok_s))
+    finally:
+        runtime.predictor, runtime.rest.after = kept, after
+    return out
 
 
 def heatmap(scores: list[PredictorScore], layers: list[int], lookahead: int, path: str) -> None:
