@@ -39,7 +39,7 @@ def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: i
     for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
         if hasattr(cfg, name):
             setattr(cfg, name, expert_width)
-    if family in ("mixtral", "phimoe", "granitemoe", "gpt_oss"):
+    if family in ("mixtral", "phimoe", "granitemoe", "gpt_oss", "olmoe"):  # their experts are intermediate_size wide
         cfg.intermediate_size = expert_width
     if family == "gpt_oss":
         cfg.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]

@@ -5,10 +5,7 @@ lookahead 1, 64 at 2-3, with context) trained briefly on its own trace (their re
 means nothing; their cost does not depend on it), and each predictor's share of the all-resident
 decode step in place, as `predict-eval` measures it on the bundled model. One table, one JSON line.
 
-    .venv/bin/python bench/predictor_cost.py [--layers 2] [--runs 3] [--out FILE]
-
-Building the checkpoint peaks near 6 GB per layer (random initialisation and saving), so 2 layers is
-the default on a 24 GiB machine.
+    .venv/bin/python bench/predictor_cost.py [--layers 4] [--runs 3] [--out FILE]
 """
 from __future__ import annotations
 
@@ -52,7 +49,7 @@ def held_out_ids(tokens: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=2, help=f"decoder layers (the real model has {REAL_LAYERS})")
+    parser.add_argument("--layers", type=int, default=4, help=f"decoder layers (the real model has {REAL_LAYERS})")
     parser.add_argument("--runs", type=int, default=3, help="generations per predictor (median)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--trace-tokens", type=int, default=1024, help="tokens the heads are trained on")
