@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from activemoe.config import (DTYPES, EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, LinkConfig, PrefetchConfig,
+from activemoe.config import (EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, LinkConfig, PrefetchConfig,
                               SamplingConfig, parse_size)
 from activemoe import cli_bench, cli_simulate, cli_tools
 from activemoe.errors import UserError
@@ -35,9 +35,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold (turns sampling on)")
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default cpu)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="compute dtype of the resident weights and expert slots (default auto: the checkpoint's own, "
-                        "float32 when its config names none)")
+    cli_tools.add_dtype_flag(p)
     slots = p.add_mutually_exclusive_group()
     slots.add_argument("--cache-experts", type=int, help="expert slots on the device (default: 25%% of all experts)")
     slots.add_argument("--expert-memory", help="memory for expert slots, e.g. 2GiB; sets the slot count")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from activemoe.atomic import emit_json, write_atomic
 from activemoe.bench import BenchConfig, BenchRow, cache_config, compare_grid, default_baselines, run_bench
-from activemoe.config import DTYPES, CacheConfig, EngineConfig, LinkConfig, PrefetchConfig
+from activemoe.cli_tools import add_dtype_flag
+from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig
 from activemoe.errors import UserError
 
 CPU_LINK_GBPS = 0.25  # default emulated link on CPU: one expert of the bundled model takes ~1.2 ms
@@ -22,7 +23,7 @@ CPU_LINK_GBPS = 0.25  # default emulated link on CPU: one expert of the bundled 
 def _common(p) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default cpu)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default auto: the checkpoint's)")
+    add_dtype_flag(p)
     p.add_argument("--link-gbps", type=float,
                    help=f"emulated host-to-device link in GB/s (CPU only; default {CPU_LINK_GBPS} on CPU; CUDA uses "
                         "its real link)")

@@ -28,6 +28,13 @@ def progress_bar(description: str):
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def add_dtype_flag(p) -> None:
+    """--dtype, shared by every command that loads a checkpoint's weights (or plans for them)."""
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="compute dtype of the resident weights and expert slots (default auto: the checkpoint's own, "
+                        "float32 when its config names none)")
+
+
 def add_precision_flags(p) -> None:
     """--precision and --quant-cache, shared by generate, perplexity and the benchmarks' parsers."""
     p.add_argument("--precision", default="native", metavar="{native,int8,int4}",
@@ -47,7 +54,7 @@ def _add_perplexity(sub) -> None:
     source.add_argument("--prompts", help="text file, one text per line")
     source.add_argument("--split", choices=("heldout", "train"), help="a bundled-style model's corpus split")
     p.add_argument("--routing", default="exact", choices=ROUTING)
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default auto: the checkpoint's)")
+    add_dtype_flag(p)
     add_precision_flags(p)
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=256)
@@ -62,7 +69,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--gpu-memory", required=True, help="e.g. 12GiB")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--device", default="cuda", help="cuda (reserves 256 MiB workspace) or cpu")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default auto: the checkpoint's)")
+    add_dtype_flag(p)
     cli_simulate.add_estimate_flags(p)
 
 
@@ -93,7 +100,7 @@ def _add_profile(sub) -> None:
                                    "recommend --experts-on; save it all as JSON.")
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default auto: the checkpoint's)")
+    add_dtype_flag(p)
     p.add_argument("--out", help="write the profile JSON here (atomically)")
 
 
