@@ -59,6 +59,12 @@ class LoaderCore:
             else:
                 self.scheduler.speculate(eid, due, prob)
 
+    @property
+    def served(self) -> int:
+        """Misses plus prefetched experts used, so far: while it stands still, prediction saves nothing
+        (the count rest.Rest watches)."""
+        return self.scheduler.stats.critical + self.cache.stats.prefetch_used
+
     def reserve_for(self, layer: int | None, slots: int) -> None:
         """Keep up to `slots` of `layer`'s experts from eviction by other loads (0 or None: off)."""
         self.reserved_layer, self.reserve = layer, slots if layer is not None else 0

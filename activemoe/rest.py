@@ -25,7 +25,7 @@ class Rest:
 
     def step(self, count: int) -> None:
         """At a decode step's first MoE layer, with the running count of misses plus prefetched experts
-        used: was the step before it quiet?"""
+        used (LoaderCore.served): was the step before it quiet?"""
         if self._count is not None:
             self.quiet = self.quiet + 1 if count == self._count else 0
         self._count = count

@@ -144,10 +144,6 @@ class ExpertRuntime:
     def resting(self) -> bool:
         return self.rest.resting(self.predictor)
 
-    def _count_quiet_step(self) -> None:
-        """At a decode step's first MoE layer: misses and prefetched experts used so far."""
-        self.rest.step(self.loader.scheduler.stats.critical + self.loader.cache.stats.prefetch_used)
-
     def forward(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         event, self.event = self.event, self.event + 1
@@ -179,7 +175,7 @@ class ExpertRuntime:
         resting = False
         if self.decoding:
             if layer == self.store.layers[0]:
-                self._count_quiet_step()
+                self.rest.step(self.loader.core.served)
             resting = self.resting
             self.stats.decode_layers += 1
             self.stats.decode_rested += resting

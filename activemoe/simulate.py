@@ -200,7 +200,7 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
         predicted, resting = [], False
         if event >= n_prefill:
             if ev.layer == workload.layers[0]:
-                rest.step(core.scheduler.stats.critical + cache.stats.prefetch_used)
+                rest.step(core.served)
             resting = rest.resting(predictor)
             rested += resting
         if not isinstance(predictor, NoPredictor) and not resting:
