@@ -15,36 +15,28 @@ import platform
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import activemoe
 from activemoe.atomic import emit_json
+from activemoe.bench import prompts_for
 from activemoe.config import CacheConfig, EngineConfig
 from activemoe.demo import BUNDLED
+from activemoe.engine import encode_text, load_tokenizer
 from activemoe.evaluation import cost_in_place
 from activemoe.families import offloaded_modules, router_parts
 from activemoe.learned import LearnedPredictor, train_heads
 from activemoe.predictors import NoPredictor, PregatePredictor
 from activemoe.tiny import build_tiny_checkpoint
-from activemoe.trace import split_texts
 
 SHAPE = dict(family="olmoe", hidden=2048, expert_width=1024, num_experts=64, top_k=8, heads=16)  # OLMoE-1B-7B
 REAL_LAYERS = 16
+VOCAB = 4096  # the bundled model's, so its held-out text (in its tokenizer) feeds the checkpoint built here
 LOOKAHEAD = 3
 WIDTHS = (512, 64)  # the bundled model's heads: 512 wide at lookahead 1, 64 beyond
-
-
-def held_out_ids(tokens: int) -> list[int]:
-    """Held-out text of the bundled model, in its tokenizer (vocabulary 4096, as the checkpoint built here)."""
-    with activemoe.load(BUNDLED, EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng:
-        ids: list[int] = []
-        for text in split_texts(BUNDLED, "heldout"):
-            ids += eng.encode(text)
-            if len(ids) >= tokens:
-                return ids[:tokens]
-    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as work:
         print(f"[predictor_cost] building a random bf16 checkpoint: {shape}", file=sys.stderr, flush=True)
         layers_built = shape["num_layers"]
-        model = build_tiny_checkpoint(shape.pop("family"), Path(work) / "model", dtype=torch.bfloat16, vocab=4096,
+        model = build_tiny_checkpoint(shape.pop("family"), Path(work) / "model", dtype=torch.bfloat16, vocab=VOCAB,
                                       max_positions=2048, init_range=0.02, max_shard_size="2GB", **shape)
-        ids = held_out_ids(args.trace_tokens)
+        ids = prompts_for(BUNDLED, partial(encode_text, load_tokenizer(BUNDLED)), VOCAB, args.trace_tokens, 1)[0]
         with activemoe.load(model, EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng:
             started = time.perf_counter()
             trace = eng.record_trace([ids[i:i + 256] for i in range(0, len(ids), 256)], keep_hidden=True)
