@@ -5,8 +5,7 @@ CUDA: copies go on one dedicated copy stream. Before a slot is overwritten, the 
 the slot's `free` event (recorded on the compute stream when the slot was last released), so a kernel
 still reading it finishes first. The compute stream waits on the slot's `ready` event, never a host sync.
 CPU: copies run on the caller's (loader) thread, paced to an emulated link speed when one is given.
-Copies are chunked (up to chunk_bytes of an expert's rows, across its tensors) so a critical load can
-overtake between chunks; an expert smaller than a chunk is one chunk, one hand-over.
+Copies are chunked (rows of one tensor at a time) so a critical load can overtake between chunks.
 A chunk is issued (`issue_chunk`, returns a Ticket) and lands later (`landed`, `wait`), so the loader
 can queue the next chunk behind it as a copy engine's queue would, keeping the link busy.
 """
@@ -18,43 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-# S slots; a chunk is row ranges of one expert's tensors
-
-
-@dataclass(frozen=True)
-class Part:
-    name: str  # the tensor
-    start: int  # first row (dim 0)
-    stop: int
+# S slots; a chunk is a row range of one tensor of one expert
 
 
 @dataclass(frozen=True)
 class Chunk:
-    parts: tuple[Part, ...]  # in tensor order
+    name: str
+    start: int  # first row (dim 0) of the tensor
+    stop: int
     nbytes: int
-
-
-def pack(tensors: dict[str, tuple[int, int]], chunk_bytes: int) -> list[Chunk]:
-    """An expert's tensors (name -> (rows, bytes per row)) cut into chunks of at most `chunk_bytes` (a row
-    at least), each filled across tensor boundaries: every chunk costs the loader one hand-over."""
-    chunks: list[Chunk] = []
-    parts: list[Part] = []
-    size = 0
-    for name, (rows, row_bytes) in tensors.items():
-        start = 0
-        while start < rows:
-            room = (chunk_bytes - size) // row_bytes
-            if room <= 0 and parts:  # the next row does not fit: close the chunk
-                chunks.append(Chunk(tuple(parts), size))
-                parts, size = [], 0
-                continue
-            stop = min(rows, start + max(1, room))
-            parts.append(Part(name, start, stop))
-            size += (stop - start) * row_bytes
-            start = stop
-    if parts:
-        chunks.append(Chunk(tuple(parts), size))
-    return chunks
 
 
 class EmulatedLink:
@@ -116,8 +87,14 @@ class SlotSlab:
 
     @staticmethod
     def _plan(shapes, dtype, chunk_bytes) -> list[Chunk]:
-        return pack({name: (shape[0], max(1, int(torch.Size(shape[1:]).numel()) * dtype.itemsize))
-                     for name, shape in shapes.items()}, chunk_bytes)
+        chunks = []
+        for name, shape in shapes.items():
+            row_bytes = max(1, int(torch.Size(shape[1:]).numel()) * dtype.itemsize)
+            rows_per_chunk = max(1, chunk_bytes // row_bytes)
+            for start in range(0, shape[0], rows_per_chunk):
+                stop = min(shape[0], start + rows_per_chunk)
+                chunks.append(Chunk(name, start, stop, (stop - start) * row_bytes))
+        return chunks
 
     @property
     def nbytes(self) -> int:
@@ -127,16 +104,16 @@ class SlotSlab:
         """Start copying chunk `index` of one expert into `slot`. CUDA: queued on the copy stream. CPU:
         the bytes are copied now and count as landed when the emulated link would deliver them."""
         chunk = self.chunks[index]
+        src = host[chunk.name][chunk.start:chunk.stop]
+        dst = self.buffers[chunk.name][slot, chunk.start:chunk.stop]
         started = time.perf_counter()
         if not self.cuda:
-            for p in chunk.parts:
-                self.buffers[p.name][slot, p.start:p.stop].copy_(host[p.name][p.start:p.stop])
+            dst.copy_(src)
             return Ticket(started, self.link.reserve(started, chunk.nbytes))
         with torch.cuda.stream(self.copy_stream):
             if index == 0:
                 self.copy_stream.wait_event(self.free[slot])  # kernels still reading the slot finish first
-            for p in chunk.parts:
-                self.buffers[p.name][slot, p.start:p.stop].copy_(host[p.name][p.start:p.stop], non_blocking=True)
+            dst.copy_(src, non_blocking=True)
             return Ticket(started, self.link.reserve(started, chunk.nbytes), self._recorded(slot, index))
 
     def _recorded(self, slot: int, index: int):
@@ -180,7 +157,7 @@ class SlotSlab:
 
 class CompressedSlab(SlotSlab):
     """Slots in the compute dtype, filled from compressed host copies (int8/int4, approximate): a chunk
-    is row ranges (output channels) of the tensors' compressed parts, which is what the link carries
+    is a row range (output channels) of one tensor's compressed parts, which is what the link carries
     and paces; each chunk is dequantised into its rows of the slot once it has landed. CUDA: the parts
     are staged on the device and dequantised on the copy stream, before the slot's ready event."""
 
@@ -189,31 +166,34 @@ class CompressedSlab(SlotSlab):
                  link: EmulatedLink | None = None, chunk_bytes: int = 1 << 20):
         super().__init__(num_slots, shapes, dtype, device, link, chunk_bytes)
         self.decode_into = decode_into  # (name, {part: rows}, slot tensor, start, stop) -> None
-        self.chunks = pack({name: (next(iter(ps.values()))[0][0],  # rows, compressed bytes per row
-                                   sum(max(1, torch.Size(s[1:]).numel()) * dt.itemsize for s, dt in ps.values()))
-                            for name, ps in parts.items()}, chunk_bytes)
+        self.chunks = []
+        for name, ps in parts.items():
+            row_bytes = sum(max(1, torch.Size(s[1:]).numel()) * dt.itemsize for s, dt in ps.values())
+            rows = next(iter(ps.values()))[0][0]
+            step = max(1, chunk_bytes // row_bytes)
+            self.chunks += [Chunk(name, a, min(rows, a + step), (min(rows, a + step) - a) * row_bytes)
+                            for a in range(0, rows, step)]
         self.expert_bytes = sum(c.nbytes for c in self.chunks)  # compressed bytes per expert
         if self.cuda:  # one staging buffer per part, the size of the largest chunk (copies are serialised)
             most: dict[str, int] = {}
-            for p in (p for c in self.chunks for p in c.parts):
-                most[p.name] = max(most.get(p.name, 0), p.stop - p.start)
+            for c in self.chunks:
+                most[c.name] = max(most.get(c.name, 0), c.stop - c.start)
             self.staging = {name: {p: torch.empty((most[name], *s[1:]), dtype=dt, device=device)
                                    for p, (s, dt) in ps.items()} for name, ps in parts.items()}
 
     def issue_chunk(self, slot: int, host, index: int) -> Ticket:
         """`host` is a CompressedExpert: its `parts[name][part]` are [rows, ...] host tensors."""
         chunk = self.chunks[index]
+        src = {p: t[chunk.start:chunk.stop] for p, t in host.parts[chunk.name].items()}
+        dst = self.buffers[chunk.name][slot]
         started = time.perf_counter()
         if not self.cuda:  # the dequantisation is booked on the emulated link after the compressed bytes
-            for c in chunk.parts:  # (serial, no overlap flattered)
-                src = {p: t[c.start:c.stop] for p, t in host.parts[c.name].items()}
-                self.decode_into(c.name, src, self.buffers[c.name][slot], c.start, c.stop)
+            self.decode_into(chunk.name, src, dst, chunk.start, chunk.stop)  # (serial, no overlap flattered)
             return Ticket(started, self.link.reserve(started, chunk.nbytes, extra_s=time.perf_counter() - started))
         with torch.cuda.stream(self.copy_stream):  # the next chunk's staging copy queues behind this decode
             if index == 0:
                 self.copy_stream.wait_event(self.free[slot])
-            for c in chunk.parts:
-                staged = {p: self.staging[c.name][p][:c.stop - c.start].copy_(t[c.start:c.stop], non_blocking=True)
-                          for p, t in host.parts[c.name].items()}
-                self.decode_into(c.name, staged, self.buffers[c.name][slot], c.start, c.stop)
+            staged = {p: self.staging[chunk.name][p][:chunk.stop - chunk.start].copy_(t, non_blocking=True)
+                      for p, t in src.items()}
+            self.decode_into(chunk.name, staged, dst, chunk.start, chunk.stop)
             return Ticket(started, self.link.reserve(started, chunk.nbytes), self._recorded(slot, index))

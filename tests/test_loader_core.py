@@ -3,8 +3,6 @@ LoaderCore's bookkeeping (chunks issued vs landed, cancellation with a chunk sti
 import time
 
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 from activemoe.cache import ExpertCache
 from activemoe.cache_meta import SlotState
@@ -12,7 +10,7 @@ from activemoe.ids import ExpertId
 from activemoe.loader_core import LoaderCore, first_layer_reserve
 from activemoe.policies import LRU
 from activemoe.scheduler import PrefetchScheduler
-from activemoe.slots import NEVER, EmulatedLink, SlotSlab, pack
+from activemoe.slots import NEVER, EmulatedLink, SlotSlab
 
 
 def E(n, layer=0):
@@ -41,29 +39,6 @@ def test_slab_chunk_lands_at_its_link_deadline_not_before():
     slab.wait(b, NEVER)
     assert slab.landed(b) and time.perf_counter() - t0 >= 4096 / 1e5
     assert torch.equal(slab.buffers["w"][1], host["w"])
-
-
-@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 300)), min_size=1, max_size=4), st.integers(1, 2000))
-def test_pack_covers_every_row_once_in_chunks_filled_across_tensors(tensors, chunk_bytes):
-    shapes = {f"t{i}": spec for i, spec in enumerate(tensors)}  # name -> (rows, bytes per row)
-    chunks = pack(shapes, chunk_bytes)
-    rows = [(p.name, r) for c in chunks for p in c.parts for r in range(p.start, p.stop)]
-    assert rows == [(name, r) for name, (n, _) in shapes.items() for r in range(n)]  # each row once, in order
-    for c in chunks:
-        assert c.nbytes == sum((p.stop - p.start) * shapes[p.name][1] for p in c.parts)
-        assert c.nbytes <= chunk_bytes or (len(c.parts) == 1 and c.parts[0].stop - c.parts[0].start == 1)
-    for c, after in zip(chunks, chunks[1:]):  # a chunk is closed only when the next row does not fit
-        first = after.parts[0]
-        assert c.nbytes + shapes[first.name][1] > chunk_bytes
-
-
-def test_a_small_expert_is_one_chunk_across_its_tensors():
-    shapes = {"gate_up": (6, 16), "down": (4, 3)}  # 384 + 48 float32 bytes
-    slab = SlotSlab(2, shapes, torch.float32, torch.device("cpu"), chunk_bytes=1 << 20)
-    assert len(slab.chunks) == 1 and slab.expert_bytes == (6 * 16 + 4 * 3) * 4
-    host = {name: torch.randn(shape) for name, shape in shapes.items()}
-    slab.copy_chunk(1, host, 0)
-    assert all(torch.equal(slab.buffers[name][1], host[name]) for name in shapes)
 
 
 def core(slots=4, chunks=2, window=2):
