@@ -30,7 +30,9 @@ class PrefetchConfig:
     lookahead: int = 1  # MoE layers ahead that predictions reach
     issue_window: int = 2  # speculative loads in flight at once; the rest stay queued and cancellable
     chunk_bytes: int = 1 << 20  # copy granularity: a critical load overtakes, a stale speculative one stops,
-    #                             between chunks (smaller chunks cost a thread hand-over each: measured slower)
+    #                             between chunks, which never span two tensors (smaller chunks cost a thread
+    #                             hand-over each, and one chunk per whole expert delays critical loads: both
+    #                             measured slower with a predictor)
     budget: int | None = None  # predicted experts prefetched per target layer; None: the model's top-k
     predictor_file: str | None = None  # learned heads; None: activemoe-predictor.safetensors in the model dir
     stream_prefill: bool = True  # while a prompt runs layer N, queue layer N+1's experts (not with predictor "none")
