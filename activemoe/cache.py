@@ -147,6 +147,7 @@ class ExpertCache:
         if any(m.pin_count or m.state == SlotState.LOADING for m in self.meta):
             raise RuntimeError("cannot clear a cache with pinned or loading slots")
         self.meta = [SlotMeta() for _ in self.meta]
+        self.policy.clear()
         self._slot_of.clear()
         self._layer_slots.clear()
         self._reindex()

@@ -34,6 +34,9 @@ class EvictionPolicy:
     def on_insert(self, meta: SlotMeta) -> None:
         pass
 
+    def clear(self) -> None:
+        """The cache was emptied: forget what the policy learned about experts."""
+
     def is_ideal(self, priority: tuple) -> bool:
         """No other slot can rank lower: the evict loop may stop scanning."""
         return False
@@ -60,15 +63,28 @@ class LFU(EvictionPolicy):
 
 
 class LFRU(EvictionPolicy):
-    """Least frequently *and* recently used: use count decayed by age (half-life in touches)."""
+    """Least frequently *and* recently used: an expert's use count decayed by age (half-life in touches).
+    The count outlives the expert's eviction, so an expert that keeps coming back ranks above one
+    loaded once (a count that restarted at every load ranked below LRU: simulated on the bundled
+    model's held-out trace, 25% cache, 0.25 GB/s, hit rate 0.320 against LRU's 0.352, now 0.389)."""
 
     name = "lfru"
 
-    def __init__(self, half_life: int = 64):
+    def __init__(self, half_life: int = 128):
         self.half_life = half_life
+        self.counts: dict[ExpertId, tuple[float, int]] = {}  # expert -> (decayed count, clock of its last use)
 
     def priority(self, meta: SlotMeta, now: int) -> tuple:
-        return (meta.use_count * 0.5 ** ((now - meta.last_use) / self.half_life), meta.last_use)
+        count, _ = self.counts.get(meta.expert, (0.0, meta.last_use))
+        return (count * 0.5 ** ((now - meta.last_use) / self.half_life), meta.last_use)
+
+    def clear(self) -> None:
+        self.counts.clear()
+
+    def on_touch(self, slot: int, metas: list[SlotMeta]) -> None:
+        meta = metas[slot]
+        count, stamp = self.counts.get(meta.expert, (0.0, meta.last_use))
+        self.counts[meta.expert] = (count * 0.5 ** ((meta.last_use - stamp) / self.half_life) + 1, meta.last_use)
 
 
 class SLRU(EvictionPolicy):

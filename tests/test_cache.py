@@ -159,3 +159,16 @@ def test_slru_promotes_reused_experts_and_speculation_evicts_only_cold():
     cache.unpin(slot)
     slot, evicted = cache.allocate(E(8), speculative=True)  # the other cold one (E(7) is cold and newest)
     assert evicted in (E(2), E(3))
+
+
+def test_lfru_remembers_an_experts_uses_across_its_eviction():
+    """Two slots: 0 and then 1 are used three times; 2 evicts 0 (as often used, longer ago); 0 comes back
+    (evicting 2, used once) with its count, now 4, so the next load evicts 1, not 0. A count that
+    restarted at every load would give 0 one use and evict it. Emptying the cache forgets the counts."""
+    policy = LFRU(half_life=1000)
+    cache = ExpertCache(2, policy)
+    evicted = [access(cache, E(n)) for n in [0, 0, 0, 1, 1, 1, 2, 0]]
+    assert evicted[-2:] == [E(0), E(2)]
+    assert access(cache, E(3)) == E(1)
+    cache.clear()
+    assert policy.counts == {}
