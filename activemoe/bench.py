@@ -65,8 +65,8 @@ class BenchRow:
 
 
 def default_baselines(model_dir: Path) -> tuple[str, ...]:
-    """The baselines, plus the learned predictor when the model directory ships its heads."""
-    learned = ("learned+slru@3",) if (model_dir / SIDECAR).is_file() else ()
+    """The baselines, plus the learned predictor (with SLRU and with LFRU) when the model directory ships its heads."""
+    learned = ("learned+slru@3", "learned+lfru@3") if (model_dir / SIDECAR).is_file() else ()
     return BenchConfig.__dataclass_fields__["baselines"].default + learned
 
 
