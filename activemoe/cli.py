@@ -43,7 +43,7 @@ def _add_generate(sub) -> None:
                                             "KV cache at --context, activations and workspace; slots get the rest")
     p.add_argument("--context", type=int, default=4096, help="context length the planner reserves KV cache for")
     p.add_argument("--policy", default="lru", choices=sorted(POLICIES),
-                   help="eviction policy: lru, lfu, lfru (decayed frequency), slru (hot/cold segments), belady (future knowledge, with --predictor oracle only); default lru")
+                   help="eviction policy: lru, lfu, lfru (decayed use count, kept across evictions), slru (hot/cold segments), belady (future knowledge, with --predictor oracle only); default lru")
     p.add_argument("--predictor", default="none", choices=PREDICTORS,
                    help="expert predictor for prefetching: none (reactive), pregate (the next layers' routers on "
                         "this layer's hidden state), history (transition statistics learned online), learned (trained "
