@@ -91,6 +91,8 @@ class GenerationStats:
     prefill_bytes_needed: int = 0  # distinct experts the prompt routed x expert bytes (the TTFT link floor's bytes)
     late_miss_int4: int = 0  # critical misses computed from their int4 copy (--late-miss int4, approximate)
     predict_share: float = 0.0  # share of decode wall time in the predictor and its announcer (measured in place)
+    predict_waiting_share: float = 0.0  # share of decode wall time in the predictor's deferred work, done while the
+    # compute path waited on a load (so not on its critical path; counted in stall_s, not in predict_share)
     predictor_rested: float = 0.0  # share of decode MoE-layer calls at which the predictor rested (nothing was loading)
 
 
@@ -295,6 +297,7 @@ class Engine:
             if steps else 0.0, batch_size=len(prompt_ids), reuse=rt.reuse, decode_hit_rate=rt.decode_hit_rate,
             prefill_bytes_needed=rt.prefill_experts * self.load_stats.expert_bytes,
             late_miss_int4=rt.late_miss_int4, predict_share=rt.decode_predict_s / sum(steps) if sum(steps) > 0 else 0.0,
+            predict_waiting_share=rt.decode_predict_waiting_s / sum(steps) if sum(steps) > 0 else 0.0,
             predictor_rested=rt.decode_rested / rt.decode_layers if rt.decode_layers else 0.0)
         sequences = out[:, width:].tolist()
         return Generation(token_ids=sequences[0], stats=stats, sequences=sequences)

@@ -177,18 +177,19 @@ def load_heads(path: str | os.PathLike, expected_shape_id: str) -> Heads:
 
 
 class LearnedPredictor:
-    """The heads laid out so a call costs one matmul for everything its layer's input feeds: its own
-    heads' source parts, and the context parts of the heads that target it. Context parts land in one
-    buffer per step; at the next step's first call, one gather turns it (plus the biases) into each
-    source's addend, so a call adds one slice. Legend: n own heads, P their width n*(E+M), C the
-    context width at a layer, A the width of all own columns."""
+    """The heads laid out so a call costs one matmul for its own heads' source parts. The context parts of
+    the heads that target a layer read that layer's input too, but only the next step needs them: the call
+    keeps the input, and `idle()` (which the runtime calls while it waits on a load) or the next step's
+    first call multiplies it into one buffer, which that call gathers (plus the biases) into each source's
+    addend, so a call adds one slice. Legend: n own heads, P their width n*(E+M), C the context width at a
+    layer, A the width of all own columns, R the rows a step keeps for the next."""
 
     name = "learned"
 
     def __init__(self, heads: Heads, layers: list[int], lookahead: int, device: torch.device | None = None):
-        """`device`: where the one matmul per call runs (the model's device, so a large model's head weights,
-        megabytes per layer, are not read by the host every token); None: numpy on the host. The small
-        result comes back to the host either way."""
+        """`device`: where the matmuls run (the model's device, so a large model's head weights, megabytes
+        per layer, are not read by the host every token); None: numpy on the host. The small result comes
+        back to the host either way."""
         if len({h.context is None for h in heads.values()}) > 1:
             raise UserError("the predictor file mixes heads with and without context")
         layers = [TOKENS] + sorted(layers)  # TOKENS: the token embeddings, before the first MoE layer
@@ -212,17 +213,22 @@ class LearnedPredictor:
             if column > start:
                 self.context_at[dst] = (start, column)
         self.context_width = column
-        self.weight, self.own_at, self.lin_width, self.mlp = {}, {}, {}, {}
+
+        def placed(rows: list[torch.Tensor]) -> np.ndarray | torch.Tensor:  # [H, width]: numpy, or on `device`
+            fused = torch.cat(rows).T.contiguous()
+            return fused.numpy() if device is None else fused.to(device)
+
+        self.weight, self.context_weight, self.own_at, self.lin_width, self.mlp = {}, {}, {}, {}, {}
         perm, bias = [], []  # per own column (all sources): its context column, its bias
         for layer in layers:
             items = own[layer]
             # the MLP's first layer is stored halved (x' = x/2), so silu(x) = x' (1 + tanh x') costs three ops
-            rows = [h.weight for _, h in items] + [h.mlp_in / 2 for _, h in items if _mlp_width(h)]
-            rows += [part for _, h in into.get(layer, []) for part in
-                     [h.context] + ([h.mlp_in_context / 2] if _mlp_width(h) else [])]
-            if rows:  # [H, P + C]: a numpy array on the host, or a tensor on `device` (no host copy kept)
-                fused = torch.cat(rows).T.contiguous()
-                self.weight[layer] = fused.numpy() if device is None else fused.to(device)
+            if items:  # [H, P]
+                self.weight[layer] = placed([h.weight for _, h in items] +
+                                            [h.mlp_in / 2 for _, h in items if _mlp_width(h)])
+            if layer in self.context_at:  # [H, C]
+                self.context_weight[layer] = placed([part for _, h in into[layer] for part in
+                                                     [h.context] + ([h.mlp_in_context / 2] if _mlp_width(h) else [])])
             start = len(bias)
             bias += [b for _, h in items for b in h.bias.tolist()]
             bias += [b / 2 for _, h in items if _mlp_width(h) for b in h.mlp_in_bias.tolist()]
@@ -242,39 +248,47 @@ class LearnedPredictor:
 
     def begin(self) -> None:
         self.rows = 0  # rows of the current step
-        self.context: np.ndarray | None = None  # [T, C total] context parts, filled as the current step runs
-        self.held: dict[int, torch.Tensor] = {}  # a long step's (no context buffer): layer -> its input at the
-        # rows a next step may read, whose context parts wait for that step
-        self.held_rows = np.zeros(0, np.intp)  # [R'] those rows
+        self.kept: np.ndarray | None = None  # a long step's rows a next step may read (None: a short step, all)
+        self.pending: dict[int, np.ndarray | torch.Tensor] = {}  # layer -> its input at the kept rows [R, H], whose
+        # context parts are not computed yet
+        self.context: np.ndarray | None = None  # [R, C total] the current step's context parts, as computed
         self.addend = self.bias[None]  # [T, A] the previous step's context parts in own layout, plus the biases
         self._last = None  # the last layer called: a call at or before it starts a new step
 
+    def idle(self) -> bool:
+        """Compute one layer's deferred context parts (the runtime calls this while it waits on a load);
+        whether more wait."""
+        if self.pending:
+            layer, x = self.pending.popitem()
+            a, b = self.context_at[layer]
+            self.context[:, a:b] = _mul(x, self.context_weight[layer])
+        return bool(self.pending)
+
     def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
-        weight = self.weight.get(layer)
-        if weight is None:
+        weight, context_weight = self.weight.get(layer), self.context_weight.get(layer)
+        if weight is None and context_weight is None:
             return []
         rows = hidden.shape[0]
         if self._last is None or layer <= self._last or rows != self.rows:
             self._step(rows)
         self._last = layer
-        start, end = self.own_at[layer]
-        if rows <= RANKED_ROWS:  # one matmul for everything this input feeds
-            y = _matmul(hidden, weight)  # [T, P + C]
-            own, addend = y[:, :end - start], self.addend
-            if layer in self.context_at:
-                a, b = self.context_at[layer]
-                self.context[:, a:b] = y[:, end - start:]
-        else:  # a long prefill: the heads on a sample of rows; the context parts wait for the next step
-            sample = np.linspace(rows - 1, 0, RANKED_ROWS).round().astype(np.intp)  # [R] the last row first
-            own = _matmul(hidden[torch.from_numpy(sample)], weight[:, :end - start])  # [R, P]
-            addend = self.addend if self.addend.shape[0] == 1 else self.addend[sample]
-            if layer in self.context_at:
-                self.held[layer] = hidden[torch.from_numpy(self.held_rows)]  # [R', H]
-        targets = self.targets[layer]
-        if not targets:
+        side = weight if weight is not None else context_weight
+        if self.kept is None:  # a short step: every row's context, and every row ranked
+            x = _input(hidden, side)  # [T, H]
+            if context_weight is not None:
+                self.pending[layer] = x
+        else:  # a long prefill: the context at the kept rows; the heads on a sample of rows
+            if context_weight is not None:
+                self.pending[layer] = _input(hidden[torch.from_numpy(self.kept)], side)
+            sample = np.linspace(rows - 1, 0, RANKED_ROWS).round().astype(np.intp)  # [S] the last row first
+            x = _input(hidden[torch.from_numpy(sample)], side)  # [S, H]
+        if weight is None:
             return []
+        start, end = self.own_at[layer]
+        own = _mul(x, weight)  # [T or S, P]
+        addend = self.addend if self.kept is None or self.addend.shape[0] == 1 else self.addend[sample]
         own += addend[:, start:end]
-        n, lin = len(targets), self.lin_width[layer]
+        targets, lin = self.targets[layer], self.lin_width[layer]
         logits = own[:, :lin]  # [T, n*E]
         if layer in self.mlp:
             half = own[:, lin:]  # [T, n*M], half the MLP's pre-activation
@@ -282,8 +296,9 @@ class LearnedPredictor:
             silu *= half
             silu += half  # silu(2 half) = half + half tanh(half)
             logits += silu @ self.mlp[layer]  # + silu(2 half) W2
-        logits = logits.reshape(own.shape[0], n, -1)
-        if rows == 1:  # decode: rank the logits, then softmax the ranked row
+        n = len(targets)
+        logits = logits.reshape(own.shape[0], n, -1)  # [T, n, E]
+        if own.shape[0] == 1:  # decode: rank the logits, then softmax the ranked row
             logits = logits[0]
             experts = logits.argsort(-1, kind="stable")[:, ::-1]  # [n, E] best first
             values = np.sort(logits, -1)[:, ::-1]
@@ -298,29 +313,28 @@ class LearnedPredictor:
                 for k, (target, e, v) in enumerate(zip(targets, experts.tolist(), values.tolist()), start=1)]
 
     def _step(self, rows: int) -> None:
-        """A new step of `rows` rows: the context parts the last step filled become this step's addend, one
-        row per current row (the same rows for a batch of decode steps, each sequence's last prompt row
-        after a prefill, none when they cannot be matched)."""
-        previous, c, held = self.rows, self.context, self.held
+        """A new step of `rows` rows: the context parts of the last step (computed now where `idle()` has
+        not) become this step's addend, one row per current row (the same rows for a batch of decode steps,
+        each sequence's last prompt row after a prefill, none when they cannot be matched)."""
+        while self.idle():
+            pass
+        previous, c, kept = self.rows, self.context, self.kept
         self.addend = self.bias[None]
-        if self.context_width and previous and previous % rows == 0:
-            if c is not None:
-                c = c if previous == rows else c[_last_rows(previous, rows)]
-                self.addend = c[:, self.perm] + self.bias  # [rows, A]
-            elif rows <= MAX_BATCH:  # a long step held these rows' inputs: their context parts, computed now
-                c = np.zeros((rows, self.context_width), np.float32)
-                at = torch.from_numpy(np.searchsorted(self.held_rows, _last_rows(previous, rows)))
-                for layer, hidden in held.items():
-                    a, b = self.context_at[layer]
-                    c[:, a:b] = _matmul(hidden[at], self.weight[layer][:, a - b:])
-                self.addend = c[:, self.perm] + self.bias
-        self.rows, self.held = rows, {}
+        if c is not None and previous and previous % rows == 0 and rows <= MAX_BATCH:
+            want = _last_rows(previous, rows)  # [rows] the previous step's rows these continue
+            if kept is None:
+                c = c if previous == rows else c[want]
+            else:
+                c = c[np.searchsorted(kept, want)]
+            self.addend = c[:, self.perm] + self.bias  # [rows, A]
+        self.rows = rows
         if rows <= RANKED_ROWS:
-            self.context = np.zeros((rows, self.context_width), np.float32)
-        else:  # a long step keeps, instead of its context parts, the inputs at each sequence's last row
-            self.context = None  # held_rows: the rows any decode batch up to MAX_BATCH could read next
+            self.kept = None
+        else:  # a long step keeps the inputs at each sequence's last row, for any decode batch up to MAX_BATCH
             batches = [b for b in range(1, min(rows, MAX_BATCH) + 1) if rows % b == 0]
-            self.held_rows = np.unique(np.concatenate([_last_rows(rows, b) for b in batches]))
+            self.kept = np.unique(np.concatenate([_last_rows(rows, b) for b in batches]))
+        kept_rows = rows if self.kept is None else len(self.kept)
+        self.context = np.zeros((kept_rows, self.context_width), np.float32) if self.context_width else None
 
 
 def _last_rows(total: int, batch: int) -> np.ndarray:
@@ -329,12 +343,19 @@ def _last_rows(total: int, batch: int) -> np.ndarray:
     return np.arange(every - 1, total, every)
 
 
-def _matmul(x: torch.Tensor, weight: np.ndarray | torch.Tensor) -> np.ndarray:
-    """x @ weight on the weight's side (numpy on the host, or torch on its device), back as numpy. Only the
-    rows multiplied are converted to float32 (numpy has no bfloat16), not a long prefill's whole input."""
+def _input(x: torch.Tensor, weight: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """A copy of the rows `x` as `_mul` with this weight takes them: float32 numpy on the host (numpy has no
+    bfloat16), or a tensor on the weight's device in its dtype. A copy: the caller may keep it past the step."""
     if isinstance(weight, np.ndarray):
-        return (x if x.dtype == torch.float32 else x.float()).numpy(force=True) @ weight
-    return (x.to(weight.device, weight.dtype) @ weight).cpu().numpy()
+        return x.numpy(force=True).copy() if x.dtype == torch.float32 else x.float().numpy(force=True)
+    return x.to(weight.device, weight.dtype, copy=True)
+
+
+def _mul(x: np.ndarray | torch.Tensor, weight: np.ndarray | torch.Tensor) -> np.ndarray:
+    """x @ weight on the weight's side, back on the host as numpy."""
+    if isinstance(weight, np.ndarray):
+        return x @ weight
+    return (x @ weight).cpu().numpy()
 
 
 def _mlp_width(head: Head) -> int:

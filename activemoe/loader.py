@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,8 +72,9 @@ class Loader:
             if self.scheduler.tasks:
                 self._notify()
 
-    def wait_any(self, pending: set[ExpertId]) -> tuple[ExpertId, int]:
-        """Block until one pending expert is READY; returns it pinned for the caller."""
+    def wait_any(self, pending: set[ExpertId], idle: Callable[[], bool] | None = None) -> tuple[ExpertId, int]:
+        """Block until one pending expert is READY; returns it pinned for the caller. `idle`: side work done
+        while nothing has landed, a piece per call, outside the lock; it returns whether more is left."""
         start = time.perf_counter()
         with self.cond:
             while True:
@@ -84,7 +86,15 @@ class Loader:
                     return got
                 if self._stop:
                     raise RuntimeError("the loader was closed")
-                self.cond.wait()
+                if idle is None:
+                    self.cond.wait()
+                    continue
+                self.cond.release()
+                try:
+                    more = idle()
+                finally:
+                    self.cond.acquire()
+                idle = idle if more else None
 
     def remaining_s(self, eid: ExpertId) -> float:
         """Link time until `eid` could be READY: its own remaining chunks plus critical work ahead."""

@@ -40,6 +40,10 @@ class Predictor(Protocol):
     def predict(self, event: int, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> list[Prediction]:
         """`hidden` [T, H] is the MoE input of `layer`; `top_k_index` [T, K] its routing."""
 
+    # Optional: `idle() -> bool` does a piece of work the predictor deferred from predict() (work only a later
+    # call needs), returning whether more is left. The runtime calls it while it waits on a load; what is left
+    # at the next call, that call does.
+
 
 def ranked(layer: int, distance: int, scores: torch.Tensor) -> Prediction:
     probs, experts = scores.sort(descending=True)  # [E]
@@ -275,6 +279,9 @@ class AdaptivePredictor:
     @property
     def sees_tokens(self) -> bool:
         return any(getattr(c, "sees_tokens", False) for c in self.components)
+
+    def idle(self) -> bool:
+        return any(c.idle() for c in self.components if hasattr(c, "idle"))  # a piece of the first that has work
 
     def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
         components = self.components

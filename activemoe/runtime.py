@@ -53,6 +53,8 @@ class RuntimeStats:
     late_miss_activations: int = 0  # routed activations those served
     late_miss_bytes: int = 0  # int4 bytes those moved
     decode_predict_s: float = 0.0  # wall time of decode steps in the predictor and its announcer, in place
+    decode_predict_waiting_s: float = 0.0  # wall time of decode steps in the predictor's deferred work, done while
+    # the compute path waited on a load (off its critical path)
     decode_layers: int = 0  # MoE-layer calls of decode steps
     decode_rested: int = 0  # of those, calls at which the predictor rested
 
@@ -214,7 +216,7 @@ class ExpertRuntime:
                             self.stats.host_computed += 1
                     if not pending:
                         break
-                eid, slot = self.loader.wait_any(pending)
+                eid, slot = self.loader.wait_any(pending, self._idle if hasattr(self.predictor, "idle") else None)
                 pending.discard(eid)
                 self._run_slot(run, eid, slot)
         except BaseException:
@@ -240,6 +242,14 @@ class ExpertRuntime:
             if self.decoding:
                 self.stats.decode_predict_s += time.perf_counter() - start
             self.loader.ahead(requests)
+
+    def _idle(self) -> bool:
+        """A piece of the predictor's deferred work, while the compute path waits on a load."""
+        start = time.perf_counter()
+        more = self.predictor.idle()
+        if self.decoding:
+            self.stats.decode_predict_waiting_s += time.perf_counter() - start
+        return more
 
     def _streamed(self, layer: int, predictions: list[Prediction]) -> list[Prediction]:
         """Prefill streaming: a long prompt routes to nearly every expert, so the next MoE layer's experts

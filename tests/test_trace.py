@@ -324,3 +324,57 @@ def test_long_prefill_ranks_a_sample_and_defers_the_context():
             short.predict(0, layer, x[last], None)
         for layer, x in decode.items():
             assert same(long.predict(1, layer, x, None), short.predict(1, layer, x, None))
+
+
+def test_deferred_context_work_predicts_as_done_at_once():
+    """A step's context parts wait for `idle()` or the next step: calling idle between calls (all of it, or
+    one piece), or never, gives the same predictions, through a long prefill, decode steps and a batch;
+    and the input a call keeps is a copy, so a caller reusing its buffer changes nothing."""
+    gen = torch.Generator().manual_seed(3)
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    heads = {(src, k): Head(r(8, 5), r(8), r(8, 5), r(6, 5), r(6), r(8, 6), r(6, 5))
+             for src, k in [(TOKENS, 1), (TOKENS, 2), (0, 1), (0, 2), (1, 1)]}
+    never, piece, drain = (LearnedPredictor(heads, [0, 1, 2], lookahead=2) for _ in range(3))
+    worked = []
+    for rows in (40, 1, 1, 1, 2, 2):  # a long prefill, decode steps, a batch of two
+        for layer in (TOKENS, 0, 1, 2):
+            x = r(rows, 5)
+            out = [p.predict(0, layer, x.clone(), None) for p in (never, piece, drain)]
+            for a, b in zip(out[0] * 2, out[1] + out[2], strict=True):
+                assert (a.layer, a.distance, a.experts) == (b.layer, b.distance, b.experts)
+                assert a.probs == pytest.approx(b.probs, abs=1e-6)
+            while drain.idle():
+                pass
+            assert not drain.pending
+        worked.append(piece.idle())  # one piece per step: the other layers' parts wait for the next step
+    assert all(worked)
+    kept = torch.ones(1, 5)
+    fresh = LearnedPredictor(heads, [0, 1, 2], lookahead=2)
+    for p, x in ((drain, kept), (fresh, torch.ones(1, 5))):
+        for layer in (TOKENS, 0, 1, 2):
+            p.predict(0, layer, x, None)
+    kept.zero_()  # the caller reuses its buffer before the next step reads the kept input
+    assert [q.experts for q in drain.predict(0, 0, torch.ones(1, 5), None)] == \
+        [q.experts for q in fresh.predict(0, 0, torch.ones(1, 5), None)]
+
+
+def test_the_runtime_does_deferred_predictor_work_while_it_waits(recorded, tmp_path):
+    """Over a slow emulated link the compute path waits on its misses; the learned predictor's deferred
+    context work runs in those waits, counted apart from its critical-path share; the tokens are those of an
+    unpaced link."""
+    from activemoe.config import CacheConfig, LinkConfig, PrefetchConfig
+
+    model_dir, path, shape = recorded
+    heads = train_heads(load_trace(path), lookahead=2, epochs=1, mlp_width=8)
+    save_heads(tmp_path / "h.safetensors", heads, {"shape_id": shape, "model_type": "qwen3_moe"})
+    greedy, tokens = SamplingConfig(do_sample=False), {}
+    for gbps in (None, 0.005):
+        cfg = EngineConfig(cache=CacheConfig(num_slots=6), link=LinkConfig(gbps),
+                           prefetch=PrefetchConfig(predictor="learned", lookahead=2,
+                                                   predictor_file=str(tmp_path / "h.safetensors")))
+        with activemoe.load(model_dir, cfg) as eng:
+            out = eng.generate(list(range(5, 25)), max_new_tokens=8, sampling=greedy)
+        tokens[gbps] = out.token_ids
+    assert out.stats.stall_s > 0 and out.stats.predict_share > 0
+    assert 0 < out.stats.predict_waiting_share * sum(out.stats.per_token_s) <= out.stats.stall_s
+    assert tokens[None] == tokens[0.005]
