@@ -23,12 +23,15 @@ class Rest:
         """A new generation."""
         self.quiet, self._count = 0, None
 
-    def step(self, count: int) -> None:
-        """At a decode step's first MoE layer, with the running count of misses plus prefetched experts
-        used (LoaderCore.served): was the step before it quiet?"""
-        if self._count is not None:
-            self.quiet = self.quiet + 1 if count == self._count else 0
-        self._count = count
+    def decode_layer(self, first: bool, count: int, predictor) -> bool:
+        """At each decode MoE layer, whether `predictor` rests there. `first`: the step's first MoE layer,
+        where `count`, the running count of misses plus prefetched experts used (LoaderCore.served), says
+        whether the step before it was quiet."""
+        if first:
+            if self._count is not None:
+                self.quiet = self.quiet + 1 if count == self._count else 0
+            self._count = count
+        return self.resting(predictor)
 
     def miss(self) -> None:
         """A routed expert missed: the predictor is needed again (from the next layer on)."""

@@ -176,9 +176,7 @@ class ExpertRuntime:
 
         resting = False
         if self.decoding:
-            if layer == self.store.layers[0]:
-                self.rest.step(self.loader.core.served)
-            resting = self.resting
+            resting = self.rest.decode_layer(layer == self.store.layers[0], self.loader.core.served, self.predictor)
             self.stats.decode_layers += 1
             self.stats.decode_rested += resting
         start = time.perf_counter()

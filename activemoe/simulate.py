@@ -199,9 +199,7 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
         clock[0] = event  # the event a future-knowing policy sees from now on (the oracle's `now`)
         predicted, resting = [], False
         if event >= n_prefill:
-            if ev.layer == workload.layers[0]:
-                rest.step(core.served)
-            resting = rest.resting(predictor)
+            resting = rest.decode_layer(ev.layer == workload.layers[0], core.served, predictor)
             rested += resting
         if not isinstance(predictor, NoPredictor) and not resting:
             index = torch.tensor([ev.routed]) if ev.tokens == 1 else torch.tensor(ev.routed)[:, None]
