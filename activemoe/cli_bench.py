@@ -122,11 +122,11 @@ def _measure(fn):
 def conditions(config: BenchConfig) -> dict:
     import torch
 
-    from activemoe.engine import checkpoint_dtype, dtype_name
+    from activemoe.engine import checkpoint_dtype_name
 
     e = config.engine
     link = e.link.link_gbps
-    dtype = dtype_name(checkpoint_dtype(config.model_dir, e.dtype))
+    dtype = checkpoint_dtype_name(config.model_dir, e.dtype)
     return {"measured": "wall clock", "machine": f"{platform.processor() or platform.machine()}, "
                                                  f"{os.cpu_count()} cores", "device": e.device, "dtype": dtype,
             "link": f"emulated {link} GB/s" if link and e.device == "cpu" else "real",

@@ -76,12 +76,12 @@ def _add_plan(sub) -> None:
 def cmd_plan(args) -> int:
     from dataclasses import asdict
 
-    from activemoe.engine import checkpoint_dtype, dtype_name, memory_plan, model_shape
+    from activemoe.engine import checkpoint_dtype_name, memory_plan, model_shape
 
     config = EngineConfig(device=args.device, dtype=args.dtype,
                           cache=CacheConfig(device_memory_bytes=parse_size(args.gpu_memory), context_tokens=args.context))
     result = memory_plan(args.model, config)
-    args.dtype = dtype_name(checkpoint_dtype(args.model, args.dtype))  # names the estimate's cost model
+    args.dtype = checkpoint_dtype_name(args.model, args.dtype)  # names the estimate's cost model
     print(f"memory plan for {args.model} ({args.dtype}, {args.device}):")
     for name, value in result.rows():
         print(f"  {name:<34} {value}")
@@ -147,7 +147,7 @@ def cmd_perplexity(args) -> int:
         eng = engine.load(args.model, config, on_progress)
     with eng:
         ppl, tokens = eng.perplexity(_chunks(eng, _texts(args), args.seq_len, args.max_tokens))
-    dtype = engine.dtype_name(engine.checkpoint_dtype(args.model, args.dtype))
+    dtype = engine.checkpoint_dtype_name(args.model, args.dtype)
     print(json.dumps({"model": args.model, "routing": args.routing, "precision": args.precision, "dtype": dtype,
                       "perplexity": ppl, "tokens": tokens,
                       "approximate": args.routing != "exact" or args.precision != "native"}))

@@ -285,10 +285,12 @@ class Engine:
         cs, ss = loader.cache.stats.get_and_reset(), loader.scheduler.stats.get_and_reset()
         times = streamer.times
         steps = tuple(b - a for a, b in zip(times, times[1:]))
+        decode_s = sum(steps)
+        share = lambda seconds: seconds / decode_s if decode_s > 0 else 0.0  # noqa: E731  of decode wall time
         stats = GenerationStats(
             hit_rate=rt.hit_rate, loads=cs.loads, evictions=cs.evictions, bytes_moved=ld.bytes_moved + rt.late_miss_bytes,
             ttft_s=(times[0] - streamer.start) if times else 0.0,
-            decode_tok_s=len(steps) / sum(steps) if steps and sum(steps) > 0 else 0.0,
+            decode_tok_s=len(steps) / decode_s if decode_s > 0 else 0.0,
             peak_rss_bytes=peak_rss_bytes(), stall_s=ld.stall_s,
             overlap=max(0.0, 1.0 - ld.stall_s / ld.busy_s) if ld.busy_s > 0 else 1.0,
             critical_loads=ss.critical, speculative_loads=cs.loads - ss.critical, wasted_loads=cs.wasted,
@@ -296,8 +298,8 @@ class Engine:
             decode_bytes_per_token=(streamer.bytes[-1] - streamer.bytes[0]) / len(steps) / len(prompt_ids)
             if steps else 0.0, batch_size=len(prompt_ids), reuse=rt.reuse, decode_hit_rate=rt.decode_hit_rate,
             prefill_bytes_needed=rt.prefill_experts * self.load_stats.expert_bytes,
-            late_miss_int4=rt.late_miss_int4, predict_share=rt.decode_predict_s / sum(steps) if sum(steps) > 0 else 0.0,
-            predict_waiting_share=rt.decode_predict_waiting_s / sum(steps) if sum(steps) > 0 else 0.0,
+            late_miss_int4=rt.late_miss_int4, predict_share=share(rt.decode_predict_s),
+            predict_waiting_share=share(rt.decode_predict_waiting_s),
             predictor_rested=rt.decode_rested / rt.decode_layers if rt.decode_layers else 0.0)
         sequences = out[:, width:].tolist()
         return Generation(token_ids=sequences[0], stats=stats, sequences=sequences)
@@ -356,6 +358,11 @@ def checkpoint_config(model_dir: str | Path):
 def checkpoint_dtype(model_dir: str | Path, name: str) -> torch.dtype:
     """compute_dtype of the checkpoint in `model_dir`."""
     return compute_dtype(checkpoint_config(model_dir), name)
+
+
+def checkpoint_dtype_name(model_dir: str | Path, name: str) -> str:
+    """checkpoint_dtype's name, as results and cost models print it ("auto" resolved)."""
+    return dtype_name(checkpoint_dtype(model_dir, name))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

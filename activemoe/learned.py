@@ -277,16 +277,17 @@ class LearnedPredictor:
             x = _input(hidden, side)  # [T, H]
             if context_weight is not None:
                 self.pending[layer] = x
+            addend = self.addend
         else:  # a long prefill: the context at the kept rows; the heads on a sample of rows
             if context_weight is not None:
                 self.pending[layer] = _input(hidden[torch.from_numpy(self.kept)], side)
             sample = np.linspace(rows - 1, 0, RANKED_ROWS).round().astype(np.intp)  # [S] the last row first
             x = _input(hidden[torch.from_numpy(sample)], side)  # [S, H]
+            addend = self.addend if self.addend.shape[0] == 1 else self.addend[sample]
         if weight is None:
             return []
         start, end = self.own_at[layer]
         own = _mul(x, weight)  # [T or S, P]
-        addend = self.addend if self.kept is None or self.addend.shape[0] == 1 else self.addend[sample]
         own += addend[:, start:end]
         targets, lin = self.targets[layer], self.lin_width[layer]
         logits = own[:, :lin]  # [T, n*E]
