@@ -5,7 +5,6 @@ measures, then one aligned table, one JSON line, and with --out a directory of J
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import tempfile
 from dataclasses import asdict
@@ -123,12 +122,12 @@ def conditions(config: BenchConfig) -> dict:
     import torch
 
     from activemoe.engine import checkpoint_dtype_name
+    from activemoe.hardware import machine_label
 
     e = config.engine
     link = e.link.link_gbps
     dtype = checkpoint_dtype_name(config.model_dir, e.dtype)
-    return {"measured": "wall clock", "machine": f"{platform.processor() or platform.machine()}, "
-                                                 f"{os.cpu_count()} cores", "device": e.device, "dtype": dtype,
+    return {"measured": "wall clock", "machine": machine_label(e.device), "device": e.device, "dtype": dtype,
             "link": f"emulated {link} GB/s" if link and e.device == "cpu" else "real",
             "torch_threads": torch.get_num_threads(), "model": str(config.model_dir),
             "routing": f"replayed from {e.replay_routing} (approximate)" if e.replay_routing else "exact",

@@ -276,6 +276,7 @@ def cmd_predict_eval(args) -> int:
 
     from activemoe import engine
     from activemoe.evaluation import cost_in_place, evaluate, heatmap
+    from activemoe.hardware import machine_label
     from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
     from activemoe.predictors import AdaptivePredictor, HistoryPredictor, NoPredictor, PregatePredictor
     from activemoe.trace import load_trace
@@ -310,7 +311,8 @@ def cmd_predict_eval(args) -> int:
             print(f"{s.name:<10} {cells} {s.us_per_token:>9.1f} {100 * shares[s.name]:>6.2f}%")
     if args.plot:
         heatmap(scores, layers, args.lookahead, args.plot)
-    print(json.dumps({"budget": budget, "decode_step_us": steps["none"], "predictors": {
+    print(json.dumps({"measured": "wall clock", "machine": machine_label(), "budget": budget,
+                      "decode_step_us": steps["none"], "predictors": {
         s.name: {"recall": {str(k): s.recall(k) for k in ks}, "precision": {str(k): s.precision(k) for k in ks},
                  "recall_by_layer": {str(k): {str(layer): s.recall(k, layer) for layer in layers
                                              if s.recall(k, layer) == s.recall(k, layer)} for k in ks},

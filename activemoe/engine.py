@@ -552,9 +552,8 @@ def _learned(prefetch: PrefetchConfig, model, layers: list[int], num_experts: in
     sidecar = Path(prefetch.predictor_file) if prefetch.predictor_file else Path(c.name_or_path) / SIDECAR
     if not required and not sidecar.is_file():
         return None
-    device = next(model.parameters()).device
     return LearnedPredictor(load_heads(sidecar, _shape_id(c, layers, num_experts)), layers, prefetch.lookahead,
-                            device if device.type == "cuda" else None)  # CPU: numpy is faster for small matmuls
+                            next(model.parameters()).device)
 
 
 def _shape_id(config, layers: list[int], num_experts: int) -> str:

@@ -22,6 +22,26 @@ from activemoe.store import ExpertStore
 TOKENS = (1, 8, 64)
 
 
+def host_label() -> str:
+    """This host: its CPU's model, architecture and cores ("AMD EPYC (x86_64), 2 cores")."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "CPU"
+    return f"{cpu} ({platform.machine()}), {os.cpu_count()} cores"
+
+
+def machine_label(device: str | torch.device = "cpu") -> str:
+    """The machine a measurement ran on, as every result names it: the host, and the CUDA device when the
+    work ran there ("AMD EPYC (x86_64), 2 cores, CPU only"; "NVIDIA H100 80GB HBM3, host AMD EPYC ...")."""
+    host, device = host_label(), torch.device(device)
+    if device.type == "cpu":
+        return f"{host}, CPU only"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else str(device)
+    return f"{name}, host {host}"
+
+
 @dataclass(frozen=True)
 class Profile:
     device: str  # "cpu" or the CUDA device's name
@@ -168,7 +188,7 @@ def profile(module: torch.nn.Module, store: ExpertStore, device: torch.device) -
     else:
         choice = "device"
         reason = f"a transfer ({transfer_ms:.2f} ms) beats host compute ({host_ms['1']:.2f} ms)"
-    return Profile(device=name, device_memory_bytes=memory, host=f"{platform.machine()}, {os.cpu_count()} cores",
+    return Profile(device=name, device_memory_bytes=memory, host=host_label(),
                    dtype=str(store.dtype).removeprefix("torch."), expert_bytes=store.expert_bytes,
                    host_copy_gbps=host_copy, h2d_pinned_gbps=pinned, h2d_pageable_gbps=pageable,
                    disk_read_gbps=disk_read_gbps(store), expert_host_ms=host_ms, expert_device_ms=device_ms,

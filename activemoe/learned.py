@@ -187,9 +187,10 @@ class LearnedPredictor:
     name = "learned"
 
     def __init__(self, heads: Heads, layers: list[int], lookahead: int, device: torch.device | None = None):
-        """`device`: where the matmuls run (the model's device, so a large model's head weights, megabytes
-        per layer, are not read by the host every token); None: numpy on the host. The small result comes
-        back to the host either way."""
+        """`device`: the model's device. On CUDA the matmuls run there (a large model's head weights,
+        megabytes per layer, are not read by the host every token); on the CPU (or None) numpy runs them,
+        faster than torch for matmuls this small. The small result comes back to the host either way."""
+        device = device if device is not None and torch.device(device).type != "cpu" else None
         if len({h.context is None for h in heads.values()}) > 1:
             raise UserError("the predictor file mixes heads with and without context")
         layers = [TOKENS] + sorted(layers)  # TOKENS: the token embeddings, before the first MoE layer

@@ -24,6 +24,7 @@ import torch
 import activemoe
 from activemoe.atomic import emit_json
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, SamplingConfig
+from activemoe.hardware import machine_label
 from activemoe.trace import split_texts
 
 GREEDY = SamplingConfig(do_sample=False)
@@ -32,15 +33,6 @@ BUNDLED = Path(activemoe.__file__).parent / "assets" / "tiny-moe"
 CONFIGS = (("native bf16", "bfloat16", "native", "none"), ("int8", "bfloat16", "int8", "none"),
            ("int4", "bfloat16", "int4", "none"), ("native bf16 + late-miss int4", "bfloat16", "native", "int4"),
            ("native fp32", "float32", "native", "none"))
-
-
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = os.uname().machine
-    return f"{os.cpu_count()}-core {cpu} VM, no GPU, one torch thread"
 
 
 def token_ids(eng, texts: list[str], limit: int) -> list[int]:
@@ -136,9 +128,9 @@ def main() -> None:
         r["bytes_vs_baseline"] = r["decode_bytes_per_token"] / base["decode_bytes_per_token"]
         r["speedup_vs_baseline"] = r["decode_tok_s"] / base["decode_tok_s"]
 
-    host = machine()
+    host = machine_label()
     model = os.path.relpath(args.model) if Path(args.model).resolve().is_relative_to(Path.cwd()) else args.model
-    print(f"\ncompressed expert tiers — measured wall clock on {host}; {model}; cache {args.cache:.0%} "
+    print(f"\ncompressed expert tiers — measured wall clock on {host}, one torch thread; {model}; cache {args.cache:.0%} "
           f"({rows[0]['slots']} slots), reactive LRU, greedy, {args.new_tokens} new tokens after a "
           f"{args.prompt_tokens}-token held-out prompt, median of {args.runs} interleaved runs; emulated link(s) "
           f"{', '.join(f'{x} GB/s' for x in links)}; perplexity over {args.ppl_tokens} held-out tokens, delta vs "

@@ -8,8 +8,6 @@ One table, one JSON line.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +19,7 @@ from activemoe.baselines import ActiveMoERunner, engine_config
 from activemoe.bench import prompts_for
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig
 from activemoe.demo import BUNDLED
+from activemoe.hardware import machine_label
 
 
 def main() -> None:
@@ -60,7 +59,7 @@ def main() -> None:
                              hit_rate=statistics.median(r.hit_rate for r in runs),
                              bytes_per_token=statistics.median(r.decode_bytes_per_token for r in runs)))
             runner.close()
-    print(f"first-layer reserve — measured wall clock, {platform.machine()} CPU ({os.cpu_count()} cores), 1 torch "
+    print(f"first-layer reserve — measured wall clock, {machine_label()}, 1 torch "
           f"thread, {model.name}, cache {args.cache:.0%}, prompt {args.prompt_tokens} held-out tokens, "
           f"{args.new_tokens} new tokens, median of {args.runs} interleaved runs")
     print(f"{'link GB/s':>9} {'config':<32} {'tok/s':>7} {'min-max':>13} {'decode hit':>10} {'MB/token':>9}")
@@ -68,7 +67,7 @@ def main() -> None:
         print(f"{r['link_gbps']:>9.2f} {r['config']:<32} {r['decode_tok_s']:>7.1f} "
               f"{r['min']:>6.1f}-{r['max']:<6.1f} {r['hit_rate']:>10.3f} {r['bytes_per_token'] / 1e6:>9.2f}")
     emit_json({"bench": "first_layer_reserve", "measured": "wall clock",
-               "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "torch_threads": 1,
+               "machine": machine_label(), "torch_threads": 1,
                "model": str(model), "cache": args.cache, "runs": args.runs, "new_tokens": args.new_tokens,
                "prompt_tokens": args.prompt_tokens, "rows": rows}, args.out)
 

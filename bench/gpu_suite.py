@@ -3,6 +3,8 @@ Qwen3-30B-A3B; fewer layers than the real models so that they fit the machine's 
 the output), slots capped to 25% and 50% of the experts, routing replayed from a trace of the bundled
 trained model (--replay-routing: hit rates reflect learned routing; transfers and kernels are real).
 Every baseline of `activemoe bench` runs through its real path. Results: bench/results/gpu_<shape>_<device>.json.
+Then the predictors' share of a decode step with their heads on the device, at OLMoE-1B-7B's shape with all
+16 layers (bench/predictor_cost.py): bench/results/predictor_cost_<device>.json.
 
     .venv/bin/python bench/gpu_suite.py                 # on a CUDA machine
     .venv/bin/python bench/gpu_suite.py --dry-run       # the same pipeline at toy sizes on CPU (CI checks it)
@@ -25,6 +27,9 @@ from activemoe.config import CacheConfig, EngineConfig, LinkConfig
 from activemoe.demo import BUNDLED
 from activemoe.tiny import build_tiny_checkpoint
 from activemoe.trace import split_texts
+
+sys.path.insert(0, str(Path(__file__).parent))
+import predictor_cost  # noqa: E402  (a sibling script)
 
 # Real shapes (the models' config.json): hidden, expert width, experts, top-k, attention heads, real layers.
 SHAPES = {
@@ -94,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                       "(mapped onto the shape; approximate)", "link": "real (pinned host RAM to device)",
                       "checkpoint_build_s": built_s, "shape_config": shape, "rows": rows}
             emit_json(result, None if args.dry_run else out / f"gpu_{shape_name}_{name}.json")
-    return 0
+    cost = (["--dry-run", "--runs", "1", "--new-tokens", "4", "--trace-tokens", "256"] if args.dry_run else
+            ["--device", device, "--layers", str(predictor_cost.REAL_LAYERS), "--runs", str(args.runs),
+             "--out", str(out / f"predictor_cost_{name}.json")])
+    return predictor_cost.main(cost)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
 
 from activemoe.atomic import emit_json
+from activemoe.hardware import machine_label
 
 PROBE = r"""
 import json, re, sys, torch
@@ -65,7 +67,7 @@ def main() -> None:
         with safe_open(f"{tmp}/model.safetensors", "pt") as f:
             for key in f.keys():
                 t = f.get_slice(key)
-                n = 4 * eval("*".join(map(str, t.get_shape())) or "1")
+                n = 4 * math.prod(t.get_shape())
                 if ".experts." in key:
                     expert_bytes += n
                 else:
@@ -88,18 +90,17 @@ def main() -> None:
         ("ActiveMoE fully loaded: current RSS - imports", ours["current"] - base, None),
         ("plain transformers loaded: current RSS - imports", plain["current"] - base, None),
     ]
-    print(f"load memory, measured (peak RSS = VmHWM), fp32, {args.layers} layers x {args.experts} experts, "
-          f"hidden {args.hidden}, expert width {args.expert_width}")
+    print(f"load memory, measured (peak RSS = VmHWM) on {machine_label()}, fp32, {args.layers} layers x "
+          f"{args.experts} experts, hidden {args.hidden}, expert width {args.expert_width}")
     for name, value, note in rows:
         print(f"{name:<56} {value / mib:9.1f} MiB  {note or ''}")
-    emit_json({"bench": "load_memory", "measured": True, "expert_bytes": expert_bytes,
-                       "layers": args.layers, "experts": args.experts, "hidden": args.hidden,
-                       "expert_width": args.expert_width, "slots": slots,
-                      "non_expert_bytes": other_bytes, "plain_load_rss": plain["loaded"] - base,
-                      "activemoe_model_load_rss": ours["model"] - base, "slab_bytes": ours["slab"],
-                      "host_store_bytes": ours["host_store"], "activemoe_total_rss": ours["loaded"] - base,
-                      "activemoe_current_rss": ours["current"] - base, "plain_current_rss": plain["current"] - base},
-              args.out)
+    emit_json({"bench": "load_memory", "measured": "peak RSS (VmHWM)", "machine": machine_label(),
+               "expert_bytes": expert_bytes, "layers": args.layers, "experts": args.experts, "hidden": args.hidden,
+               "expert_width": args.expert_width, "slots": slots, "non_expert_bytes": other_bytes,
+               "plain_load_rss": plain["loaded"] - base, "activemoe_model_load_rss": ours["model"] - base,
+               "slab_bytes": ours["slab"], "host_store_bytes": ours["host_store"],
+               "activemoe_total_rss": ours["loaded"] - base, "activemoe_current_rss": ours["current"] - base,
+               "plain_current_rss": plain["current"] - base}, args.out)
 
 
 if __name__ == "__main__":

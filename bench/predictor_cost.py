@@ -4,14 +4,13 @@ OLMoE-1B-7B's shape (hidden 2048, 64 experts of width 1024, top-8, bf16; fewer l
 lookahead 1, 64 at 2-3, with context) trained briefly on its own trace (their recall on a random model
 means nothing; their cost does not depend on it), and each predictor's share of the all-resident
 decode step in place, as `predict-eval` measures it on the bundled model. One table, one JSON line.
+On CUDA the heads run on the device, as `generate` runs them there (bench/gpu_suite.py calls this).
 
-    .venv/bin/python bench/predictor_cost.py [--layers 4] [--runs 3] [--out FILE]
+    .venv/bin/python bench/predictor_cost.py [--layers 4] [--runs 3] [--device cuda] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from activemoe.demo import BUNDLED
 from activemoe.engine import encode_text, load_tokenizer
 from activemoe.evaluation import cost_in_place
 from activemoe.families import offloaded_modules, router_parts
+from activemoe.hardware import machine_label
 from activemoe.learned import LearnedPredictor, train_heads
 from activemoe.predictors import NoPredictor, PregatePredictor
 from activemoe.tiny import build_tiny_checkpoint
@@ -45,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="generations per predictor (median)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--trace-tokens", type=int, default=1024, help="tokens the heads are trained on")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the model and the heads run")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes: checks the pipeline, no results")
     parser.add_argument("--out", help="also write the JSON result here (atomically)")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("predictor_cost: no CUDA device", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)  # as in every CPU benchmark here
     shape = dict(SHAPE, num_layers=args.layers)
     if args.dry_run:
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_tiny_checkpoint(shape.pop("family"), Path(work) / "model", dtype=torch.bfloat16, vocab=VOCAB,
                                       max_positions=2048, init_range=0.02, max_shard_size="2GB", **shape)
         ids = prompts_for(BUNDLED, partial(encode_text, load_tokenizer(BUNDLED)), VOCAB, args.trace_tokens, 1)[0]
-        with activemoe.load(model, EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng:
+        with activemoe.load(model, EngineConfig(device=args.device, cache=CacheConfig(slot_fraction=1.0))) as eng:
             started = time.perf_counter()
             trace = eng.record_trace([ids[i:i + 256] for i in range(0, len(ids), 256)], keep_hidden=True)
             experts = offloaded_modules(eng.model)
@@ -66,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             heads = train_heads(trace, LOOKAHEAD, routers, epochs=2, mlp_width=list(WIDTHS))
             print(f"[predictor_cost] trace and heads in {time.perf_counter() - started:.0f} s; measuring",
                   file=sys.stderr, flush=True)
-            predictors = [NoPredictor(), PregatePredictor(routers, LOOKAHEAD), LearnedPredictor(heads, layers, LOOKAHEAD)]
+            predictors = [NoPredictor(), PregatePredictor(routers, LOOKAHEAD),
+                          LearnedPredictor(heads, layers, LOOKAHEAD, eng.device)]
             cost = cost_in_place(eng, predictors, args.runs, args.new_tokens)
     rows = [{"predictor": name, "step_share_in_place": share, "decode_step_us_in_place": step}
             for name, (share, step) in cost.items()]
-    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    machine = machine_label(args.device)
     print(f"predictor cost in place — measured wall clock, {machine}, 1 torch thread; random checkpoint at "
           f"OLMoE-1B-7B's expert shape, bf16, {layers_built} of its {REAL_LAYERS} layers, every expert resident, "
           f"{args.new_tokens} greedy tokens, median of {args.runs} runs" + (" (DRY RUN: toy sizes)" if args.dry_run else ""))

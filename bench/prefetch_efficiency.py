@@ -18,7 +18,6 @@ compute ("mech" = measured / it). One table, one JSON line.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 import activemoe
 from activemoe.atomic import emit_json
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig, SamplingConfig
+from activemoe.hardware import machine_label
 from activemoe.tiny import build_tiny_checkpoint
 
 GREEDY = SamplingConfig(do_sample=False)
@@ -148,7 +148,7 @@ def main() -> None:
                                  recall=last.recall, overlap=last.overlap, wasted=last.wasted_loads,
                                  bound_tok_s=bound, efficiency=statistics.median(speeds) / bound))
 
-    print(f"\nprefetch efficiency — measured wall clock, {os.uname().machine} CPU ({os.cpu_count()} cores), "
+    print(f"\nprefetch efficiency — measured wall clock, {machine_label()}, "
           f"emulated link {link:.3f} GB/s, fp32"
           f"{'' if args.precision == 'native' else f' slots from {args.precision} transfers (APPROXIMATE)'}, "
           f"{args.model or 'random qwen3_moe'} {layers}x{experts} top-{top_k}, "
@@ -170,7 +170,7 @@ def main() -> None:
     print(f"{configs[-1][0]} / {configs[0][0]}:", ", ".join(f"{k} cache {v:.2f}x" for k, v in speedup.items()))
     result = {"bench": "prefetch_efficiency",
               "model": args.model or f"random qwen3_moe 16x32 top-4 hidden {args.hidden} width {args.expert_width}",
-              "measured": "wall clock", "machine": f"{os.cpu_count()}-core CPU",
+              "measured": "wall clock", "machine": machine_label(),
               "link_gbps": link, "compute_floor_tok_s": floor, "expert_bytes": expert_bytes, "rows": rows,
               "oracle_over_reactive": speedup, "lookahead": args.lookahead, "new_tokens": args.new_tokens,
               "precision": args.precision}

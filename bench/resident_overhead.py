@@ -7,8 +7,6 @@ machine noise hits both alike. One table, one JSON line.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from activemoe.baselines import ActiveMoERunner, TransformersRunner
 from activemoe.bench import prompts_for
 from activemoe.config import CacheConfig, EngineConfig
 from activemoe.demo import BUNDLED
+from activemoe.hardware import machine_label
 
 
 def main() -> None:
@@ -47,7 +46,7 @@ def main() -> None:
             tokens[name] = out.sequences
     medians = {name: statistics.median(v) for name, v in speeds.items()}
     ratio = medians["activemoe (all resident)"] / medians["transformers"]
-    print(f"all experts resident — measured wall clock, {platform.machine()} CPU ({os.cpu_count()} cores), 1 torch "
+    print(f"all experts resident — measured wall clock, {machine_label()}, 1 torch "
           f"thread, {model.name}, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, {args.runs} interleaved "
           f"runs each")
     print(f"{'runner':<26} {'median tok/s':>12} {'min':>8} {'max':>8}")
@@ -56,7 +55,7 @@ def main() -> None:
     same = tokens["transformers"] == tokens["activemoe (all resident)"]
     print(f"activemoe / transformers: {ratio:.3f}x; same tokens: {same}")
     emit_json({"bench": "resident_overhead", "measured": "wall clock",
-                       "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "torch_threads": 1,
+                       "machine": machine_label(), "torch_threads": 1,
                        "model": str(model), "runs": args.runs, "new_tokens": args.new_tokens,
                        "median_tok_s": medians, "ratio": ratio, "same_tokens": same}, args.out)
 

@@ -11,7 +11,6 @@ line; the JSON is saved to bench/results/simulator_calibration_cpu.json (--out).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -87,8 +86,8 @@ def main() -> int:
                      "measured": {"hit_rate": stats.hit_rate, "loads": stats.loads, "evictions": stats.evictions},
                      "simulated": {"hit_rate": sim.hit_rate, "loads": sim.loads, "evictions": sim.evictions},
                      "oracle_bound_tok_s": sim.oracle_bound_tok_s})
-    print(f"simulator calibration on {model.name}: MEASURED wall clock ({os.uname().machine} CPU, {os.cpu_count()} "
-          f"cores, no GPU, emulated link {args.link_gbps} GB/s, median of {args.runs} runs, {args.new_tokens} new "
+    print(f"simulator calibration on {model.name}: MEASURED wall clock ({hardware.machine_label()}, "
+          f"emulated link {args.link_gbps} GB/s, median of {args.runs} runs, {args.new_tokens} new "
           f"tokens after a {len(prompt)}-token prompt) vs SIMULATED")
     print(cost.describe())
     print(f"{'configuration':<22} {'slots':>5} {'measured':>9} {'simulated':>9} {'error':>7} "
@@ -99,7 +98,7 @@ def main() -> int:
               f"{r['error_pct']:>+6.1f}% {m['hit_rate']:>6.3f}/{s['hit_rate']:.3f} {m['loads']:>5}/{s['loads']:<5} "
               f"{m['evictions']:>5}/{s['evictions']:<5} {r['oracle_bound_tok_s']:>7.1f}")
     result = {"bench": "simulator_calibration", "model": model.name, "link_gbps": args.link_gbps,
-              "measured": f"wall clock, {os.cpu_count()}-core CPU, no GPU", "simulated": cost.to_json(),
+              "measured": "wall clock", "machine": hardware.machine_label(), "simulated": cost.to_json(),
               "runs": args.runs, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt), "rows": rows}
     emit_json(result, args.out, indent=2)
     return 0

@@ -8,13 +8,13 @@ One table, one JSON line, saved to bench/results/simulator_speed_cpu.json (--out
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from activemoe.atomic import emit_json
 from activemoe.config import CacheConfig, PrefetchConfig
 from activemoe.costmodel import from_preset
+from activemoe.hardware import machine_label
 from activemoe.presets import hardware_preset, shape_preset
 from activemoe.simulate import SimConfig, num_slots, simulate
 from activemoe.workload import SyntheticSpec, synthetic
@@ -43,7 +43,7 @@ def main() -> int:
         rows.append({"config": r.config, "wall_s": time.perf_counter() - start, "events": args.tokens * shape.moe_layers,
                      "simulated_tok_s": r.tok_s, "hit_rate": r.hit_rate, "loads": r.loads,
                      "oracle_bound_tok_s": r.oracle_bound_tok_s})
-    print(f"simulator speed: MEASURED wall time on {os.uname().machine} CPU ({os.cpu_count()} cores) to simulate "
+    print(f"simulator speed: MEASURED wall time on {machine_label()} to simulate "
           f"{args.tokens} tokens of a {workload.label} trace at shape {shape.name} ({slots} slots); "
           f"generating the trace took {synth_s:.2f} s")
     print(f"tok/s and hit rate: SIMULATED, {cost.describe()}")
@@ -51,7 +51,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['config']:<32} {r['wall_s']:>7.2f} {r['events'] / r['wall_s']:>9.0f} {r['simulated_tok_s']:>11.2f} "
               f"{r['hit_rate']:>9.3f} {r['loads']:>7}")
-    result = {"bench": "simulator_speed", "measured": f"wall clock, {os.cpu_count()}-core CPU", "tokens": args.tokens,
+    result = {"bench": "simulator_speed", "measured": "wall clock", "machine": machine_label(), "tokens": args.tokens,
               "shape": shape.name, "num_slots": slots, "synthetic_s": synth_s, "workload": workload.label,
               "simulated": cost.to_json(), "rows": rows}
     emit_json(result, args.out, indent=2)

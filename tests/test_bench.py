@@ -12,6 +12,7 @@ from activemoe.baselines import AccelerateRunner, engine_config
 from activemoe.bench import BenchConfig, cache_config, compare_grid, run_bench
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig
 from activemoe.errors import UserError
+from activemoe.hardware import machine_label
 from tests.test_cli import assert_user_error, run
 
 
@@ -131,6 +132,7 @@ def test_bench_cli_writes_results_whole(capsys, checkpoint, tmp_path):
     assert rc == 0
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["measured"] == "wall clock" and result["link"] == "emulated 0.25 GB/s" and result["interleaved"]
+    assert result["machine"] == machine_label("cpu")
     assert [r["baseline"] for r in result["rows"]] == ["reactive", "pregate"]
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.png"]
     assert json.loads((out / "bench.json").read_text()) == result

@@ -16,12 +16,16 @@ def _suite():
     return module
 
 
-def test_dry_run_covers_every_baseline_and_cache(tmp_path, capsys):
+def test_dry_run_covers_every_baseline_and_cache_then_the_predictor_cost(tmp_path, capsys):
     suite = _suite()
     assert suite.main(["--dry-run", "--shapes", "olmoe-1b-7b", "--out", str(tmp_path / "out"),
                        "--work", str(tmp_path)]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    results = {r["bench"]: r for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+               for r in [json.loads(line)]}
+    result = results["gpu_suite"]
     assert result["shape"] == "olmoe-1b-7b" and "replayed" in result["routing"]
+    cost = {r["predictor"]: r["step_share_in_place"] for r in results["predictor_cost"]["rows"]}
+    assert 0 < cost["learned"] < 1  # then the predictors' cost, heads on the device
     assert set(result["rows"]) == {"25%", "50%"}
     for rows in result["rows"].values():
         assert [r["baseline"] for r in rows] == list(suite.BASELINES)
