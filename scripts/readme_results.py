@@ -190,7 +190,7 @@ def section() -> str:
                       "--prompt-lengths 16 --batch-size 1,4,8 --out bench/results/bench_batches_cpu"),
              optional(bench_table, "bench_oracle_cpu/bench.json",
                       "activemoe bench --model activemoe/assets/tiny-moe --baselines reactive,learned+slru@3,learned+lfru@3,"
-                      "oracle+slru@3,oracle+belady@3 --prompt-lengths 256 --out bench/results/bench_oracle_cpu"),
+                      "oracle+slru@3,oracle+lfru@3,oracle+belady@3 --prompt-lengths 256 --out bench/results/bench_oracle_cpu"),
              optional(bench_table, "bench_lfru_cpu/bench.json",
                       "activemoe bench --model activemoe/assets/tiny-moe --baselines reactive,none+lfru@3,learned+slru@3,"
                       "learned+lfru@3 --prompt-lengths 128,256,512 --out bench/results/bench_lfru_cpu"),
