@@ -105,8 +105,8 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
         y = torch.zeros(len(dst_rows), E).scatter_(1, trace.experts[dst_rows].long(), 1.0)  # [N, E] multi-hot
         y = y / y.sum(-1, keepdim=True)
         dst = sources[sources.index(src) + k]
-        w, b = (pregate_weights(routers, src, dst) if routers and src != TOKENS  # embeddings have no pre-gate
-                else (torch.zeros(E, H), torch.zeros(E)))
+        w, b = (map(torch.Tensor.cpu, pregate_weights(routers, src, dst)) if routers and src != TOKENS
+                else (torch.zeros(E, H), torch.zeros(E)))  # trained on the host; embeddings have no pre-gate
         w = torch.cat([w, torch.zeros(E, D - H)], 1)  # [E, D]: the context starts with no say
         params = [w.requires_grad_(), b.requires_grad_()]
         mlp_width = widths[min(k, len(widths)) - 1]

@@ -185,7 +185,7 @@ def pregate_weights(routers: dict[int, RouterParts], src: int, dst: int) -> tupl
     weight = d.weight.float().clone()  # [E, H]
     if s.norm_weight is not None and d.norm_weight is not None:
         weight = weight * (d.norm_weight.float() / s.norm_weight.float().clamp_min(1e-6))
-    bias = d.bias.float().clone() if d.bias is not None else torch.zeros(weight.shape[0])
+    bias = d.bias.float().clone() if d.bias is not None else weight.new_zeros(weight.shape[0])  # [E], on the router's device
     return weight, bias
 
 

@@ -7,7 +7,7 @@ import torch
 import activemoe
 from activemoe.config import CacheConfig, EngineConfig, PrefetchConfig, SamplingConfig
 from activemoe.families import RouterParts
-from activemoe.predictors import HistoryPredictor, OraclePredictor, PregatePredictor
+from activemoe.predictors import HistoryPredictor, OraclePredictor, PregatePredictor, pregate_weights
 from tests.test_parity import GEN, PROMPT, _assert_parity, _reference
 
 E, K = 8, 2
@@ -172,3 +172,12 @@ def test_adaptive_passes_the_token_stage_to_components_that_see_tokens():
     assert adaptive.sees_tokens
     (pred,) = adaptive.predict(-1, TOKENS, torch.zeros(1, 4), None)
     assert (pred.layer, pred.distance, set(pred.experts)) == (0, 1, {3, 4})
+
+
+def test_pregate_weights_stay_on_the_routers_device():
+    """A router without a bias (Qwen3-MoE, OLMoE, Mixtral) on a device: the pre-gate's zero bias is made there
+    too, so the pregate predictor's addmm never mixes a host bias with device weights (a CUDA-only failure)."""
+    routers = {layer: RouterParts(torch.ones(4, device="meta"), torch.ones(8, 4, device="meta"), None)
+               for layer in (0, 1)}
+    weight, bias = pregate_weights(routers, 0, 1)
+    assert weight.device.type == bias.device.type == "meta" and bias.shape == (8,)
