@@ -27,7 +27,7 @@ from activemoe.config import EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, Pre
 from activemoe.errors import UserError
 from activemoe.families import (experts_classes, experts_without_weights, offloaded_modules, router_parts, routers,
                                 unsupported_message)
-from activemoe.hardware import profile_host_expert
+from activemoe.hardware import pinned_h2d_gbps, profile_host_expert
 from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
 from activemoe.loader import Loader
 from activemoe.loader_core import first_layer_reserve
@@ -476,7 +476,9 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     top_k = top_k_of(hf_config)
     total = len(store.experts())
     num_slots = budget.num_slots if budget else num_slots_for(config.cache, total, store.expert_bytes, top_k)
-    prefetch, link = config.prefetch, EmulatedLink(config.link.link_gbps)
+    # unpaced on CUDA: the real link's measured speed lets --experts-on auto and --late-miss weigh a transfer
+    measured = pinned_h2d_gbps(device) if device.type == "cuda" and not config.link.link_gbps else None
+    prefetch, link = config.prefetch, EmulatedLink(config.link.link_gbps, measured)
     if config.precision == "native":
         store.preload(on_progress)
         slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, link, prefetch.chunk_bytes)

@@ -81,6 +81,12 @@ def copy_gbps(src: torch.Tensor, dst: torch.Tensor, repeats: int = 10) -> float:
     return src.numel() * src.element_size() / seconds / 1e9
 
 
+def pinned_h2d_gbps(device: torch.device, nbytes: int = 64 * 2**20) -> float:
+    """The host-to-`device` copy speed from pinned memory, GB/s (what the loader's copies get on CUDA)."""
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    return copy_gbps(src, torch.empty_like(src, device=device))
+
+
 def expert_ms(module: torch.nn.Module, weights: dict[str, torch.Tensor], hidden: int, dtype: torch.dtype,
               device: torch.device, repeats: int = 20) -> dict[str, float]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -173,7 +179,7 @@ def profile(module: torch.nn.Module, store: ExpertStore, device: torch.device) -
         props = torch.cuda.get_device_properties(device)
         name, memory = props.name, props.total_memory
         target = torch.empty_like(buf, device=device)
-        pinned = copy_gbps(buf.pin_memory(), target)
+        pinned = pinned_h2d_gbps(device, buf.numel())
         pageable = copy_gbps(buf, target)
         device_ms = expert_ms(module, {k: v.to(device) for k, v in host_weights.items()}, hidden, store.dtype, device)
     host_ms = expert_ms(module, host_weights, hidden, store.dtype, torch.device("cpu"))

@@ -29,15 +29,19 @@ class Chunk:
 
 
 class EmulatedLink:
-    """Paces copies to `gbps` GB/s: each chunk finishes no earlier than the link could carry it."""
+    """Paces copies to `gbps` GB/s: each chunk finishes no earlier than the link could carry it. Unpaced
+    (None), copies run at the real link's speed, which `measured_gbps` (the real link's, when known) lets
+    the miss-handling decisions estimate."""
 
-    def __init__(self, gbps: float | None):
+    def __init__(self, gbps: float | None, measured_gbps: float | None = None):
         self.bytes_per_s = gbps * 1e9 if gbps else None
+        self.estimate_bytes_per_s = self.bytes_per_s or (measured_gbps * 1e9 if measured_gbps else None)
         self._free_at = 0.0
         self._lock = threading.Lock()
 
     def transfer_s(self, nbytes: int) -> float:
-        return nbytes / self.bytes_per_s if self.bytes_per_s else 0.0
+        """Link time for `nbytes` (0.0 when the link's speed is unknown)."""
+        return nbytes / self.estimate_bytes_per_s if self.estimate_bytes_per_s else 0.0
 
     def reserve(self, started: float, nbytes: int, extra_s: float = 0.0) -> float:
         """Book `nbytes` (plus `extra_s` of serial work behind them) issued at `started`: returns when

@@ -27,6 +27,16 @@ def test_a_chunk_queued_behind_another_follows_it_without_a_gap():
     assert EmulatedLink(None).reserve(5.0, 10**9) == 0.0  # unpaced: delivered at once
 
 
+def test_an_unpaced_link_with_a_measured_speed_estimates_transfers_but_does_not_pace_them():
+    """On CUDA the real link is not paced, but --experts-on auto and --late-miss must still see what a
+    transfer costs (with no estimate they saw 0 s and never chose the host or the int4 copy)."""
+    real = EmulatedLink(None, measured_gbps=2.0)
+    assert real.reserve(5.0, 10**9) == 0.0  # copies are not held back
+    assert real.transfer_s(10**9) == 0.5
+    assert EmulatedLink(None).transfer_s(10**9) == 0.0  # speed unknown
+    assert EmulatedLink(1.0, measured_gbps=2.0).transfer_s(10**9) == 1.0  # an emulated link is the link
+
+
 def test_slab_chunk_lands_at_its_link_deadline_not_before():
     slab = SlotSlab(2, {"w": (4, 256)}, torch.float32, torch.device("cpu"), EmulatedLink(0.0001), chunk_bytes=2048)  # 20 ms a chunk
     host = {"w": torch.randn(4, 256)}
