@@ -51,6 +51,7 @@ class Loader:
         self.core = LoaderCore(cache, scheduler, len(slab.chunks))
         self._sources: dict[ExpertId, dict[str, torch.Tensor]] = {}
         self._stop = False
+        self._crash: BaseException | None = None  # what stopped the worker, if not close()
         self._wake = threading.Event()  # set with every notify from the compute side: new work for the worker
         self._thread = threading.Thread(target=self._run, name="activemoe-loader", daemon=True)
         self._thread.start()
@@ -85,7 +86,8 @@ class Loader:
                     self.stats.stall_s += time.perf_counter() - start
                     return got
                 if self._stop:
-                    raise RuntimeError("the loader was closed")
+                    raise RuntimeError(f"the expert loader stopped: {self._crash!r}" if self._crash else
+                                       "the loader was closed") from self._crash
                 if idle is None:
                     self.cond.wait()
                     continue
@@ -138,6 +140,8 @@ class Loader:
             self._stop = True
             self._notify()
         self._thread.join(timeout=10)
+        if self.slab.cuda:  # chunks the worker left on the copy stream still write into the slab
+            self.slab.copy_stream.synchronize()
         self.store.close()
 
     @property
@@ -151,6 +155,17 @@ class Loader:
 
     # -- worker ---------------------------------------------------------------------------------
     def _run(self) -> None:
+        """The worker; an error outside a single load (a device fault while polling copies) stops it and is
+        raised to the compute path, which would otherwise wait forever."""
+        try:
+            self._work()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the compute path
+            log.error("the expert loader stopped: %r", e)
+            with self.cond:
+                self._crash, self._stop = e, True
+                self.cond.notify_all()
+
+    def _work(self) -> None:
         flight: deque[tuple[LoadTask, Ticket]] = deque()  # chunks on the link, oldest first
         link_free = 0.0  # when the link finished its last chunk
         while True:

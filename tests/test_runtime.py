@@ -1,4 +1,6 @@
 """The runtime: a failing expert read is a clear error and leaves it usable; long decodes; the compute dtype."""
+import threading
+
 import pytest
 import torch
 
@@ -31,6 +33,30 @@ def test_failed_expert_read_is_reported_and_recoverable(checkpoint, monkeypatch)
     monkeypatch.setattr(store, "read", real_read)
     clean = activemoe.load(checkpoint("qwen3_moe"), EngineConfig.tiny(num_slots=3))
     assert again.token_ids == clean.generate([5, 6, 7], max_new_tokens=8, sampling=greedy).token_ids
+
+
+def test_a_loader_fault_outside_a_load_is_raised_not_waited_on_forever(checkpoint, monkeypatch):
+    """A device fault while the worker polls its copies (on CUDA, an event query after an illegal access)
+    stops the loader; the compute path, waiting on a miss, gets the error instead of hanging."""
+    eng = activemoe.load(checkpoint("qwen3_moe"), EngineConfig.tiny(num_slots=3))
+
+    def fault(ticket):
+        raise RuntimeError("injected device fault")
+
+    monkeypatch.setattr(eng.runtime.loader.slab, "landed", fault)
+    outcome = []
+
+    def generate():
+        try:
+            eng.generate([5, 6, 7], max_new_tokens=8, sampling=SamplingConfig(do_sample=False))
+        except RuntimeError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=generate, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the compute path hung on a stopped loader"
+    assert "injected device fault" in str(outcome[0]) and isinstance(outcome[0].__cause__, RuntimeError)
 
 
 def test_long_decode_with_smallest_cache(checkpoint):
