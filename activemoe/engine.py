@@ -476,8 +476,10 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     top_k = top_k_of(hf_config)
     total = len(store.experts())
     num_slots = budget.num_slots if budget else num_slots_for(config.cache, total, store.expert_bytes, top_k)
-    # unpaced on CUDA: the real link's measured speed lets --experts-on auto and --late-miss weigh a transfer
-    measured = pinned_h2d_gbps(device) if device.type == "cuda" and not config.link.link_gbps else None
+    # unpaced on CUDA: --experts-on auto and --late-miss, the only users of a transfer's estimated time, weigh it
+    # at the real link's measured speed (measured only for them: it pins and copies 64 MiB at start-up)
+    weighs = config.experts_on == "auto" or config.late_miss != "none"
+    measured = pinned_h2d_gbps(device) if device.type == "cuda" and not config.link.link_gbps and weighs else None
     prefetch, link = config.prefetch, EmulatedLink(config.link.link_gbps, measured)
     if config.precision == "native":
         store.preload(on_progress)
