@@ -281,7 +281,8 @@ class AdaptivePredictor:
         return any(getattr(c, "sees_tokens", False) for c in self.components)
 
     def idle(self) -> bool:
-        return any(c.idle() for c in self.components if hasattr(c, "idle"))  # a piece of the first that has work
+        # a piece from each component in turn until one says more is left (one that just finished says no)
+        return any(c.idle() for c in self.components if hasattr(c, "idle"))
 
     def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
         components = self.components
