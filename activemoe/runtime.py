@@ -149,7 +149,12 @@ class ExpertRuntime:
     def forward(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         event, self.event = self.event, self.event + 1
-        out = torch.zeros_like(hidden)  # [T, H]
+        # Each (token, k) contribution gets its own row, summed over k at the end as transformers' grouped_mm
+        # experts do: experts finish in the order their loads land, and adding them up in that order would
+        # round differently (in bfloat16, enough to change a greedy token).
+        # (in the dtype of output times routing weight: float32 where a router keeps float32 weights)
+        parts = hidden.new_zeros(*top_k_index.shape, hidden.shape[-1],
+                                 dtype=torch.promote_types(hidden.dtype, top_k_weights.dtype))  # [T, K, H]
         flat = top_k_index.reshape(-1).tolist()  # [T*K]
         counts = Counter(flat)
         routed = sorted(counts)
@@ -162,9 +167,9 @@ class ExpertRuntime:
         if self.recorder is not None:
             self.recorder(layer, hidden, top_k_index, top_k_weights)
         if hidden.shape[0] == 1:  # decode: one token, no gather or scatter
-            run = lambda eid, w: self._accumulate_one(module, w, hidden, flat.index(eid.expert), top_k_weights, out)  # noqa: E731
+            run = lambda eid, w: self._accumulate_one(module, w, hidden, flat.index(eid.expert), top_k_weights, parts)  # noqa: E731
         else:
-            run = lambda eid, w: self._accumulate(module, eid, w, hidden, top_k_index, top_k_weights, out)  # noqa: E731
+            run = lambda eid, w: self._accumulate(module, eid, w, hidden, top_k_index, top_k_weights, parts)  # noqa: E731
         if self.experts_on == "host":
             self.stats.host_computed += len(routed)
             if self.store.host:  # RAM tier: one grouped call over the layer's host copies
@@ -172,7 +177,7 @@ class ExpertRuntime:
                 return grouped_forward(module, weights, self.store.num_experts, hidden, top_k_index, top_k_weights)
             for e in routed:
                 run(ExpertId(layer, e), self.store.read(ExpertId(layer, e)))
-            return out
+            return parts.sum(1).to(hidden.dtype)
 
         resting = False
         if self.decoding:
@@ -222,7 +227,7 @@ class ExpertRuntime:
                 self.loader.release(slot)
             self.loader.abandon(pending)
             raise
-        return out
+        return parts.sum(1).to(hidden.dtype)  # [T, H]
 
     def tokens(self, hidden: torch.Tensor) -> None:
         """A forward's token embeddings ([B, S, H]), before its first MoE layer: recorded, and handed to a
@@ -288,17 +293,18 @@ class ExpertRuntime:
             self.loader.release(slot)
 
     @staticmethod
-    def _accumulate_one(module, w, hidden, k: int, top_k_weights, out) -> None:
+    def _accumulate_one(module, w, hidden, k: int, top_k_weights, parts) -> None:
         device = next(iter(w.values())).device
         y = expert_forward(module, w, hidden if hidden.device == device else hidden.to(device))  # [1, H]
-        out.add_((y if y.device == out.device else y.to(out.device)) * top_k_weights[0, k])
+        parts[0, k] = (y[0] if y.device == parts.device else y[0].to(parts.device)) * top_k_weights[0, k, None]  # [H]
+        # (a 1-d weight, so a float32 weight promotes the product as it does in transformers; a 0-d one would not)
 
     @staticmethod
-    def _accumulate(module, eid, w, hidden, top_k_index, top_k_weights, out) -> None:
+    def _accumulate(module, eid, w, hidden, top_k_index, top_k_weights, parts) -> None:
         token, k = torch.where(top_k_index == eid.expert)  # [t], [t]
         device = next(iter(w.values())).device
         y = expert_forward(module, w, hidden[token].to(device)).to(hidden.device)  # [t, H]
-        out.index_add_(0, token, (y * top_k_weights[token, k, None]).to(out.dtype))
+        parts[token, k] = (y * top_k_weights[token, k, None]).to(parts.dtype)
 
 
 def _dispatch(module, hidden_states, top_k_index, top_k_weights):
