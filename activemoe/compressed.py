@@ -14,6 +14,7 @@ import torch
 
 from activemoe import quant
 from activemoe.ids import ExpertId
+from activemoe.pinned import pinned_copy
 from activemoe.slots import EmulatedLink
 from activemoe.store import ExpertStore
 
@@ -60,7 +61,7 @@ class CompressedStore:
         self.dtype, self.pin = base.dtype, base.pin
         self.layout = quant.Layout(base.spec, precision)
         self.host: dict = {}  # no full-precision host copies: host compute goes expert by expert through read()
-        self.tensors = {k: t.pin_memory() if base.pin else t for k, t in tensors.items()}  # [N, ...]
+        self.tensors = {k: pinned_copy(t) if base.pin else t for k, t in tensors.items()}  # [N, ...]
         self.expert_bytes = quant.compressed_bytes(self.tensors)
         self._row = {layer: i for i, layer in enumerate(self.layers)}
 

@@ -22,6 +22,7 @@ import torch
 from activemoe.errors import ExpertLoadError, UserError
 from activemoe.families import ExpertsSpec, TensorPart, layer_expert_keys, resolve_expert
 from activemoe.ids import ExpertId
+from activemoe.pinned import pinned_empty
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -140,7 +141,7 @@ class ExpertStore:
         if self.tier != "ram":
             return
         shape = (len(self.layers), self.num_experts)
-        self.host = {name: torch.empty(shape + s, dtype=self.dtype, pin_memory=self.pin)
+        self.host = {name: pinned_empty(shape + s, self.dtype) if self.pin else torch.empty(shape + s, dtype=self.dtype)
                      for name, s in self.spec.shapes.items()}
         eids = self.experts()
         for i, eid in enumerate(eids):
