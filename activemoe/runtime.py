@@ -149,12 +149,6 @@ class ExpertRuntime:
     def forward(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         event, self.event = self.event, self.event + 1
-        # Each (token, k) contribution gets its own row, summed over k at the end as transformers' grouped_mm
-        # experts do: experts finish in the order their loads land, and adding them up in that order would
-        # round differently (in bfloat16, enough to change a greedy token).
-        # (in the dtype of output times routing weight: float32 where a router keeps float32 weights)
-        parts = hidden.new_zeros(*top_k_index.shape, hidden.shape[-1],
-                                 dtype=torch.promote_types(hidden.dtype, top_k_weights.dtype))  # [T, K, H]
         flat = top_k_index.reshape(-1).tolist()  # [T*K]
         counts = Counter(flat)
         routed = sorted(counts)
@@ -166,9 +160,16 @@ class ExpertRuntime:
             self.stats.prefill_experts += len(routed)
         if self.recorder is not None:
             self.recorder(layer, hidden, top_k_index, top_k_weights)
-        if hidden.shape[0] == 1:  # decode: one token, no gather or scatter
+        # Each (token, k) contribution gets its own row, summed over k at the end as transformers' grouped_mm
+        # experts do: experts finish in the order their loads land, and adding them up in that order would
+        # round differently (in bfloat16, enough to change a greedy token). Rows are in the dtype of output
+        # times routing weight (float32 where a router keeps float32 weights).
+        if hidden.shape[0] == 1:  # decode: one token, no gather or scatter; a list of K rows [1, H]
+            parts = [None] * top_k_index.shape[-1]
             run = lambda eid, w: self._accumulate_one(module, w, hidden, flat.index(eid.expert), top_k_weights, parts)  # noqa: E731
         else:
+            parts = hidden.new_zeros(*top_k_index.shape, hidden.shape[-1],
+                                     dtype=torch.promote_types(hidden.dtype, top_k_weights.dtype))  # [T, K, H]
             run = lambda eid, w: self._accumulate(module, eid, w, hidden, top_k_index, top_k_weights, parts)  # noqa: E731
         if self.experts_on == "host":
             self.stats.host_computed += len(routed)
@@ -177,7 +178,7 @@ class ExpertRuntime:
                 return grouped_forward(module, weights, self.store.num_experts, hidden, top_k_index, top_k_weights)
             for e in routed:
                 run(ExpertId(layer, e), self.store.read(ExpertId(layer, e)))
-            return parts.sum(1).to(hidden.dtype)
+            return _total(parts, hidden.dtype)
 
         resting = False
         if self.decoding:
@@ -227,7 +228,7 @@ class ExpertRuntime:
                 self.loader.release(slot)
             self.loader.abandon(pending)
             raise
-        return parts.sum(1).to(hidden.dtype)  # [T, H]
+        return _total(parts, hidden.dtype)
 
     def tokens(self, hidden: torch.Tensor) -> None:
         """A forward's token embeddings ([B, S, H]), before its first MoE layer: recorded, and handed to a
@@ -296,8 +297,8 @@ class ExpertRuntime:
     def _accumulate_one(module, w, hidden, k: int, top_k_weights, parts) -> None:
         device = next(iter(w.values())).device
         y = expert_forward(module, w, hidden if hidden.device == device else hidden.to(device))  # [1, H]
-        parts[0, k] = (y[0] if y.device == parts.device else y[0].to(parts.device)) * top_k_weights[0, k, None]  # [H]
-        # (a 1-d weight, so a float32 weight promotes the product as it does in transformers; a 0-d one would not)
+        # a [1, 1] weight, so a float32 weight promotes the product as in transformers (a 0-d one would not)
+        parts[k] = (y if y.device == top_k_weights.device else y.to(top_k_weights.device)) * top_k_weights[:, k, None]
 
     @staticmethod
     def _accumulate(module, eid, w, hidden, top_k_index, top_k_weights, parts) -> None:
@@ -305,6 +306,12 @@ class ExpertRuntime:
         device = next(iter(w.values())).device
         y = expert_forward(module, w, hidden[token].to(device)).to(hidden.device)  # [t, H]
         parts[token, k] = (y * top_k_weights[token, k, None]).to(parts.dtype)
+
+
+def _total(parts: list[torch.Tensor] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The sum over k of a layer's expert outputs, [T, H]: from K rows [1, H] (decode) or a [T, K, H] tensor."""
+    total = torch.cat(parts).sum(0, keepdim=True) if isinstance(parts, list) else parts.sum(1)
+    return total.to(dtype)
 
 
 def _dispatch(module, hidden_states, top_k_index, top_k_weights):
