@@ -25,7 +25,10 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return tensor
     cudart = torch.cuda.cudart()
     ptr = tensor.data_ptr()
-    error = cudart.cudaHostRegister(ptr, nbytes, 0)
+    try:
+        error = cudart.cudaHostRegister(ptr, nbytes, 0)
+    except (AttributeError, RuntimeError) as e:  # a torch build without the binding
+        error = e
     if error != cudart.cudaError.success:
         log.warning("cudaHostRegister of %d bytes failed (%s); using torch's pinned allocator, which rounds the "
                     "allocation up to a power of two", nbytes, error)
