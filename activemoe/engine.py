@@ -407,10 +407,21 @@ def memory_plan(model_dir: str | Path, config: EngineConfig) -> MemoryPlan:
 
 
 def _config(model_dir: Path):
+    """The checkpoint's config. MXFP4 experts (GPT-OSS) are dequantised by the store as they are read, so
+    their quantization config is dropped: transformers would otherwise swap in its own experts class."""
     try:
-        return AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
     except (ValueError, OSError) as e:
         raise UserError(f"cannot read {model_dir / 'config.json'}: {e}") from None
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                  else getattr(quantization, "quant_method", None))
+        if method != "mxfp4":
+            raise UserError(f"{model_dir} is quantized with {method}; ActiveMoE reads unquantized checkpoints and "
+                            "MXFP4 experts (GPT-OSS)")
+        del config.quantization_config
+    return config
 
 
 def _experts_classes(hf_config) -> list[type]:
@@ -458,7 +469,8 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     try:
         with experts_without_weights(classes):
             model, info = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=dtype, experts_implementation=IMPLEMENTATION, output_loading_info=True)
+                model_dir, config=hf_config, dtype=dtype, experts_implementation=IMPLEMENTATION,
+                output_loading_info=True)
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:

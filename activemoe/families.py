@@ -24,7 +24,8 @@ TESTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", 
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|bias)$")
-_FUSED = re.compile(r"\.(?:experts\.(gate_up_proj|up_proj|down_proj)(_bias)?|(input_linear|output_linear)\.weight)$")
+_FUSED = re.compile(r"\.(?:experts\.(gate_up_proj|up_proj|down_proj)(_bias|_blocks)?|(input_linear|output_linear)\.weight)$")
+MXFP4 = "_blocks"  # suffix of an MXFP4 tensor's packed codes (GPT-OSS); its exponents are under "_scales"
 _ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 _GRANITE = {"input_linear": "gate_up_proj", "output_linear": "down_proj"}
 
@@ -43,6 +44,7 @@ class ExpertsSpec:
 class TensorPart:
     key: str  # checkpoint key
     index: int | None  # expert row of an expert-major fused tensor; None for a per-expert key
+    mxfp4: bool = False  # `key` names MXFP4 tensors: key + "_blocks" and key + "_scales", dequantised on read
 
 
 def experts_classes(model_class: type) -> list[type]:
@@ -131,13 +133,16 @@ def resolve_expert(layer: int, expert: int, spec: ExpertsSpec, keys: dict[str, l
     fused = {}
     for key in keys["fused"]:
         m = _FUSED.search(key)
+        if m.group(2) == MXFP4:
+            fused[m.group(1)] = TensorPart(key.removesuffix(MXFP4), expert, mxfp4=True)
+            continue
         name = (m.group(1) + (m.group(2) or "")) if m.group(1) else _GRANITE[m.group(3)]
-        fused[name] = key
+        fused[name] = TensorPart(key, expert)
 
     sources = {}
     for name in spec.shapes:
         if name in fused:
-            sources[name] = [TensorPart(fused[name], expert)]
+            sources[name] = [fused[name]]
             continue
         kind = "bias" if name.endswith("_bias") else "weight"
         roles = ("gate", "up") if name.startswith("gate_up_proj") else ("up",) if name.startswith("up_proj") else ("down",)

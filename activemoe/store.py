@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from activemoe.errors import ExpertLoadError, UserError
 from activemoe.families import ExpertsSpec, TensorPart, layer_expert_keys, resolve_expert
@@ -93,6 +94,10 @@ class CheckpointIndex:
         return list(self.tensors)
 
     def read(self, part: TensorPart) -> torch.Tensor:
+        if part.mxfp4:  # [rows, G, 16] codes and [rows, G] exponents -> the weight [G*32, rows], float32 (exact)
+            blocks = self.read(TensorPart(part.key + "_blocks", part.index))
+            scales = self.read(TensorPart(part.key + "_scales", part.index))
+            return convert_moe_packed_tensors(blocks[None], scales[None], dtype=torch.float32)[0]
         info = self.tensors[part.key]
         dtype = _DTYPES.get(info.dtype)
         if dtype is None:

@@ -5,6 +5,7 @@ rounding could flip. Saved with `save_pretrained`, so loading goes through the r
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -68,3 +69,29 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, route
         if bars:
             transformers.logging.enable_progress_bar()
     return out_dir
+
+
+def mxfp4_experts(model_dir: str | Path, seed: int = 0) -> Path:
+    """Rewrite a tiny GPT-OSS checkpoint's experts in MXFP4, the layout of OpenAI's released checkpoints:
+    `<name>_blocks` [E, rows, G, 16] uint8 (two 4-bit codes per byte, 32 values per group) and `<name>_scales`
+    [E, rows, G] uint8 (a power-of-two exponent per group, biased by 127), where the weight is [E, G*32, rows];
+    `quantization_config` names the method. Random codes and scales of 2**-4 to 2**-6. In place; returns the
+    directory. Hidden size and expert width must be multiples of 32."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = Path(model_dir)
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    generator = torch.Generator().manual_seed(seed)
+    for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, cols, rows = tensors.pop(key).shape  # [E, in, out]
+        tensors[key + "_blocks"] = torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=generator,
+                                                 dtype=torch.uint8)
+        tensors[key + "_scales"] = torch.randint(127 - 6, 127 - 3, (experts, rows, cols // 32), generator=generator,
+                                                 dtype=torch.uint8)
+    save_file(tensors, path, metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return model_dir

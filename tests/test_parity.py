@@ -1,10 +1,16 @@
 """The test that matters most: offloaded generation equals plain transformers, token for token."""
+import json
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import activemoe
 from activemoe.config import CacheConfig, EngineConfig
+from activemoe.errors import UserError
+from activemoe.store import CheckpointIndex
+from activemoe.tiny import build_tiny_checkpoint, mxfp4_experts
 from tests.conftest import FAMILIES
 
 PROMPT = torch.tensor([[5, 17, 33, 8, 60, 41, 3]])
@@ -60,6 +66,32 @@ def test_bfloat16_logits_are_bitwise_those_of_transformers(family, checkpoint):
         assert torch.equal(ref.sequences, out.sequences)
         assert all(torch.equal(a, b) for a, b in zip(ref.logits, out.logits, strict=True))
         eng.close()
+
+
+def test_gpt_oss_mxfp4_experts_as_released(tmp_path):
+    """GPT-OSS as OpenAI released it, experts in MXFP4 (packed codes and exponents): the store dequantises
+    each expert as it reads it, from RAM and from disk, and the bfloat16 logits are bit for bit those of
+    transformers, which dequantises every expert at load."""
+    model_dir = mxfp4_experts(build_tiny_checkpoint("gpt_oss", tmp_path, dtype=torch.bfloat16, expert_width=32))
+    keys = CheckpointIndex(model_dir).keys
+    assert "model.layers.0.mlp.experts.gate_up_proj_blocks" in keys and not [k for k in keys if k.endswith("_proj")]
+    ref = AutoModelForCausalLM.from_pretrained(model_dir).generate(PROMPT, **GEN)
+    for store in ("ram", "disk"):
+        eng = activemoe.load(model_dir, EngineConfig(cache=CacheConfig(num_slots=4), store=store))
+        out = eng.model.generate(PROMPT, **GEN)
+        assert torch.equal(ref.sequences, out.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(ref.logits, out.logits, strict=True))
+        eng.close()
+
+
+def test_other_quantized_checkpoints_are_refused(checkpoint, tmp_path):
+    model_dir = tmp_path / "fp8"
+    shutil.copytree(checkpoint("qwen3_moe"), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="quantized with fp8; ActiveMoE reads unquantized checkpoints and MXFP4"):
+        activemoe.load(model_dir, EngineConfig.tiny())
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
