@@ -25,7 +25,7 @@ TESTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|bias)$")
 _FUSED = re.compile(r"\.(?:experts\.(gate_up_proj|up_proj|down_proj)(_bias|_blocks)?|(input_linear|output_linear)\.weight)$")
-MXFP4 = "_blocks"  # suffix of an MXFP4 tensor's packed codes (GPT-OSS); its exponents are under "_scales"
+MXFP4, MXFP4_SCALES = "_blocks", "_scales"  # suffixes of an MXFP4 tensor's packed codes and exponents (GPT-OSS)
 _ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 _GRANITE = {"input_linear": "gate_up_proj", "output_linear": "down_proj"}
 
@@ -44,7 +44,7 @@ class ExpertsSpec:
 class TensorPart:
     key: str  # checkpoint key
     index: int | None  # expert row of an expert-major fused tensor; None for a per-expert key
-    mxfp4: bool = False  # `key` names MXFP4 tensors: key + "_blocks" and key + "_scales", dequantised on read
+    mxfp4: bool = False  # `key` names MXFP4 tensors: key + MXFP4 and key + MXFP4_SCALES, dequantised on read
 
 
 def experts_classes(model_class: type) -> list[type]:

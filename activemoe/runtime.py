@@ -160,6 +160,11 @@ class ExpertRuntime:
             self.stats.prefill_experts += len(routed)
         if self.recorder is not None:
             self.recorder(layer, hidden, top_k_index, top_k_weights)
+        if self.experts_on == "host":
+            self.stats.host_computed += len(routed)
+            if self.store.host:  # RAM tier: one grouped call over the layer's host copies
+                weights = self.store.layer_weights(layer)
+                return grouped_forward(module, weights, self.store.num_experts, hidden, top_k_index, top_k_weights)
         # Each (token, k) contribution gets its own row, summed over k at the end as transformers' grouped_mm
         # experts do: experts finish in the order their loads land, and adding them up in that order would
         # round differently (in bfloat16, enough to change a greedy token). Rows are in the dtype of output
@@ -171,11 +176,7 @@ class ExpertRuntime:
             parts = hidden.new_zeros(*top_k_index.shape, hidden.shape[-1],
                                      dtype=torch.promote_types(hidden.dtype, top_k_weights.dtype))  # [T, K, H]
             run = lambda eid, w: self._accumulate(module, eid, w, hidden, top_k_index, top_k_weights, parts)  # noqa: E731
-        if self.experts_on == "host":
-            self.stats.host_computed += len(routed)
-            if self.store.host:  # RAM tier: one grouped call over the layer's host copies
-                weights = self.store.layer_weights(layer)
-                return grouped_forward(module, weights, self.store.num_experts, hidden, top_k_index, top_k_weights)
+        if self.experts_on == "host":  # no full-precision host copies (disk or compressed tier): expert by expert
             for e in routed:
                 run(ExpertId(layer, e), self.store.read(ExpertId(layer, e)))
             return _total(parts, hidden.dtype)

@@ -21,7 +21,7 @@ import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from activemoe.errors import ExpertLoadError, UserError
-from activemoe.families import ExpertsSpec, TensorPart, layer_expert_keys, resolve_expert
+from activemoe.families import MXFP4, MXFP4_SCALES, ExpertsSpec, TensorPart, layer_expert_keys, resolve_expert
 from activemoe.ids import ExpertId
 from activemoe.pinned import pinned_empty
 
@@ -95,8 +95,8 @@ class CheckpointIndex:
 
     def read(self, part: TensorPart) -> torch.Tensor:
         if part.mxfp4:  # [rows, G, 16] codes and [rows, G] exponents -> the weight [G*32, rows], float32 (exact)
-            blocks = self.read(TensorPart(part.key + "_blocks", part.index))
-            scales = self.read(TensorPart(part.key + "_scales", part.index))
+            blocks = self.read(TensorPart(part.key + MXFP4, part.index))
+            scales = self.read(TensorPart(part.key + MXFP4_SCALES, part.index))
             return convert_moe_packed_tensors(blocks[None], scales[None], dtype=torch.float32)[0]
         info = self.tensors[part.key]
         dtype = _DTYPES.get(info.dtype)

@@ -79,15 +79,17 @@ def mxfp4_experts(model_dir: str | Path, seed: int = 0) -> Path:
     directory. Hidden size and expert width must be multiples of 32."""
     from safetensors.torch import load_file, save_file
 
+    from activemoe.families import MXFP4, MXFP4_SCALES
+
     model_dir = Path(model_dir)
     path = model_dir / "model.safetensors"
     tensors = load_file(path)
     generator = torch.Generator().manual_seed(seed)
     for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         experts, cols, rows = tensors.pop(key).shape  # [E, in, out]
-        tensors[key + "_blocks"] = torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=generator,
+        tensors[key + MXFP4] = torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=generator,
                                                  dtype=torch.uint8)
-        tensors[key + "_scales"] = torch.randint(127 - 6, 127 - 3, (experts, rows, cols // 32), generator=generator,
+        tensors[key + MXFP4_SCALES] = torch.randint(127 - 6, 127 - 3, (experts, rows, cols // 32), generator=generator,
                                                  dtype=torch.uint8)
     save_file(tensors, path, metadata={"format": "pt"})
     config = json.loads((model_dir / "config.json").read_text())
