@@ -203,6 +203,11 @@ class LoaderCore:
             self.handed.add(task.eid)
         else:
             self.cache.unpin(task.slot)
+        if not task.critical and not task.cancelled:
+            # A prefetch that landed stays protected until the layer it was predicted for routes, as a resident
+            # prediction is: unused yet, it is the first victim of a frequency-ranked policy, and was often evicted by
+            # the next load before its layer came, which then waited for it again.
+            self.scheduler.protect(task.eid, task.due)
         self.scheduler.finish(task)
 
     def fail(self, task: LoadTask, error: BaseException) -> None:
