@@ -118,11 +118,11 @@ def bench_table(name: str, command: str) -> str:
         command += " --interleave"
     first = {}
     lines = [f"""`{command}` ({r['device']}, {r['dtype']}, link {r['link']}, cache {r['cache']}, {r['new_tokens']} new
-tokens, median of {r['runs']}{' interleaved' if interleaved else ''} runs; "vs reactive" compares decode tok/s with `reactive` at the same prompt and batch;
+tokens, median of {r['runs']}{' interleaved' if interleaved else ''} runs, min-max over them; "vs reactive" compares decode tok/s with `reactive` at the same prompt and batch;
 TTFT floor = the prompt's distinct experts × expert bytes ÷ link; predict % = share of decode wall time spent in the
 predictor and its announcer, measured in place):
-""", "| baseline | prompt | batch | decode tok/s | vs reactive | TTFT ms (floor) | decode hit | recall@1 | predict % "
-     "| MB/token | reuse | same tokens |", "|---" * 12 + "|"]
+""", "| baseline | prompt | batch | decode tok/s | min-max | vs reactive | TTFT ms (floor) | decode hit | recall@1 "
+     "| predict % | MB/token | reuse | same tokens |", "|---" * 13 + "|"]
     for row in r["rows"]:
         if row["baseline"] == "reactive":
             first[(row["prompt_tokens"], row["batch_size"])] = row["decode_tok_s"]
@@ -131,7 +131,7 @@ predictor and its announcer, measured in place):
         ratio = f"{row['decode_tok_s'] / base:.2f}×" if base else "-"
         floor = f" ({row['ttft_floor_s'] * 1e3:.0f})" if row["ttft_floor_s"] else ""
         lines.append(f"| {row['baseline']} | {row['prompt_tokens']} | {row['batch_size']} | {row['decode_tok_s']:.1f} | "
-                     f"{ratio} | {row['ttft_s'] * 1e3:.0f}{floor} | {_cell(row['hit_rate'], '.3f')} | "
+                     f"{row['decode_tok_s_min']:.0f}-{row['decode_tok_s_max']:.0f} | {ratio} | {row['ttft_s'] * 1e3:.0f}{floor} | {_cell(row['hit_rate'], '.3f')} | "
                      f"{_cell(row['recall_1'], '.3f')} | {_cell(row.get('predict_share'), '.1f', 100)} | "
                      f"{_cell(row['decode_bytes_per_token'], '.2f', 1e-6)} | "
                      f"{_cell(row['reuse'], '.2f')} | {'yes' if row['same_tokens'] else 'NO'} |")
