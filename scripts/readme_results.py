@@ -131,7 +131,8 @@ predictor and its announcer, measured in place):
         ratio = f"{row['decode_tok_s'] / base:.2f}×" if base else "-"
         floor = f" ({row['ttft_floor_s'] * 1e3:.0f})" if row["ttft_floor_s"] else ""
         lines.append(f"| {row['baseline']} | {row['prompt_tokens']} | {row['batch_size']} | {row['decode_tok_s']:.1f} | "
-                     f"{row['decode_tok_s_min']:.0f}-{row['decode_tok_s_max']:.0f} | {ratio} | {row['ttft_s'] * 1e3:.0f}{floor} | {_cell(row['hit_rate'], '.3f')} | "
+                     f"{row['decode_tok_s_min']:.0f}-{row['decode_tok_s_max']:.0f} | {ratio} | "
+                     f"{row['ttft_s'] * 1e3:.0f}{floor} | {_cell(row['hit_rate'], '.3f')} | "
                      f"{_cell(row['recall_1'], '.3f')} | {_cell(row.get('predict_share'), '.1f', 100)} | "
                      f"{_cell(row['decode_bytes_per_token'], '.2f', 1e-6)} | "
                      f"{_cell(row['reuse'], '.2f')} | {'yes' if row['same_tokens'] else 'NO'} |")
