@@ -33,6 +33,7 @@ class BenchConfig:
     runs: int = 3  # timed runs per row, after one warm-up per baseline
     interleave: bool = False  # all baselines loaded at once, their runs alternating
     engine: EngineConfig = field(default_factory=EngineConfig)  # device, dtype, cache size, link for ActiveMoE
+    measured_link_gbps: float | None = None  # CUDA: the real link's measured speed, for the TTFT floor and link share
 
     @staticmethod
     def tiny(model_dir: Path, baselines: tuple[str, ...] = ("transformers", "reactive")) -> BenchConfig:
@@ -62,6 +63,7 @@ class BenchRow:
     reuse: float | None = None
     ttft_floor_s: float | None = None  # prefill's distinct experts x expert bytes / link (emulated link only)
     predict_share: float | None = None  # median share of decode wall time in the predictor (ActiveMoE, in place)
+    link_share: float | None = None  # share of the link's capacity decode used (see link_share)
 
 
 def default_baselines(model_dir: Path) -> tuple[str, ...]:
@@ -112,7 +114,14 @@ def reduce_runs(baseline: str, prompt_tokens: int, results: list[RunResult], ref
         None if last.peak_device_bytes is None else max(r.peak_device_bytes for r in results),
         None if reference is None else all(r.sequences == reference for r in results),
         last.hit_rate, last.recall.get("1"), last.decode_bytes_per_token, last.stall_s, last.overlap, last.reuse, floor,
-        None if last.predict_share is None else statistics.median(r.predict_share for r in results))
+        None if last.predict_share is None else statistics.median(r.predict_share for r in results),
+        link_share(statistics.median(speeds), last.decode_bytes_per_token, link_gbps))
+
+
+def link_share(decode_tok_s: float, bytes_per_token: float | None, link_gbps: float | None) -> float | None:
+    """The share of the link's capacity that decode used: bytes per second over the link's speed. Near 1 the
+    run is bound by the link (only fewer bytes make it faster); well below 1 it is bound by compute or waiting."""
+    return None if bytes_per_token is None or not link_gbps else decode_tok_s * bytes_per_token / (link_gbps * 1e9)
 
 
 def available_bytes(device: str) -> int:
@@ -182,15 +191,16 @@ def run_bench(config: BenchConfig, progress: Progress = lambda _: None,
             for spec in group:
                 for shape in shapes:
                     reference = references.setdefault(shape, results[(spec, shape)][0].sequences)
-                    rows.append(reduce_runs(spec, shape[0], results[(spec, shape)], reference, _link(config.engine)))
+                    rows.append(reduce_runs(spec, shape[0], results[(spec, shape)], reference, _link(config)))
         finally:
             for runner in runners.values():
                 runner.close()
     return rows
 
 
-def _link(engine: EngineConfig) -> float | None:
-    return engine.link.link_gbps if engine.device == "cpu" else None
+def _link(config: BenchConfig) -> float | None:
+    """The link speed floors and shares are taken against: the emulated one on CPU, the measured one on CUDA."""
+    return config.engine.link.link_gbps if config.engine.device == "cpu" else config.measured_link_gbps
 
 
 def compare_grid(config: BenchConfig, predictors: list[str], policies: list[str], caches: list[str],

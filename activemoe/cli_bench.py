@@ -41,11 +41,13 @@ def _common(p) -> None:
 def add_parsers(sub) -> None:
     p = sub.add_parser("bench", help="benchmark ActiveMoE against the baselines users would pick",
                        description="Decode tokens/s, TTFT (against its link floor), per-token p50/p99, hit rate, "
-                                   "recall, bytes per token, stall, overlap and peak memory, for each baseline at "
+                                   "recall, bytes per token, link share, stall, overlap and peak memory, for each baseline at "
                                    "each prompt length and batch size. Measured wall clock. Baselines: "
                                    "transformers (all experts resident), accelerate (its device_map offload of the "
                                    "experts), reactive (on-demand LRU), host (experts computed on the host), and "
-                                   "PREDICTOR[+POLICY][@LOOKAHEAD], e.g. learned+slru@2.")
+                                   "PREDICTOR[+POLICY][@LOOKAHEAD], e.g. learned+slru@2. Floors and link shares are "
+                                   "taken against the emulated link on CPU and the measured pinned host-to-device "
+                                   "speed on CUDA.")
     _common(p)
     p.add_argument("--baselines", help="comma-separated baselines (default: transformers,accelerate,reactive,host,"
                                        "pregate+slru@3, and learned+slru@3,learned+lfru@3 when the model ships learned heads)")
@@ -88,8 +90,13 @@ def _config(args, baselines: tuple[str, ...], prompt_lengths, batch_sizes, cache
     engine = EngineConfig(device=args.device, dtype=args.dtype, link=LinkConfig(link_gbps=link),
                           replay_routing=args.replay_routing,
                           cache=cache_config(cache, CacheConfig()), prefetch=PrefetchConfig(lookahead=args.lookahead))
+    measured = None
+    if args.device.startswith("cuda"):  # the TTFT floor and link share are taken against the real link's speed
+        from activemoe.hardware import pinned_h2d_gbps
+
+        measured = pinned_h2d_gbps(torch.device(args.device))
     return BenchConfig(model, baselines, prompt_lengths, batch_sizes, args.new_tokens, args.runs,
-                       args.interleave, engine)
+                       args.interleave, engine, measured)
 
 
 def _out_dir(args) -> Path | None:
@@ -118,6 +125,13 @@ def _measure(fn):
         return fn(lambda text: bar.update(task, description=text))
 
 
+def link_label(config: BenchConfig) -> str:
+    link, measured = config.engine.link.link_gbps, config.measured_link_gbps
+    if link and config.engine.device == "cpu":
+        return f"emulated {link} GB/s"
+    return f"real, pinned host-to-device measured {measured:.1f} GB/s" if measured else "real"
+
+
 def conditions(config: BenchConfig) -> dict:
     import torch
 
@@ -125,10 +139,9 @@ def conditions(config: BenchConfig) -> dict:
     from activemoe.hardware import machine_label
 
     e = config.engine
-    link = e.link.link_gbps
     dtype = checkpoint_dtype_name(config.model_dir, e.dtype)
     return {"measured": "wall clock", "machine": machine_label(e.device), "device": e.device, "dtype": dtype,
-            "link": f"emulated {link} GB/s" if link and e.device == "cpu" else "real",
+            "link": link_label(config),
             "torch_threads": torch.get_num_threads(), "model": str(config.model_dir),
             "routing": f"replayed from {e.replay_routing} (approximate)" if e.replay_routing else "exact",
             "new_tokens": config.new_tokens, "runs": config.runs, "interleaved": config.interleave}
@@ -144,7 +157,7 @@ def print_table(rows: list[BenchRow], title: str, tags: list[str] | None = None)
 
     table = Table(title=title)
     columns = (["cache"] if tags else []) + ["baseline", "prompt", "batch", "tok/s", "min-max", "TTFT ms", "floor ms",
-                                             "p50 ms", "p99 ms", "decode hit", "recall@1", "predict %", "MB/tok", "stall s", "overlap",
+                                             "p50 ms", "p99 ms", "decode hit", "recall@1", "predict %", "MB/tok", "link %", "stall s", "overlap",
                                              "reuse", "host MiB", "dev MiB", "same tokens"]
     for c in columns:
         table.add_column(c, justify="left" if c in ("baseline", "cache") else "right")
@@ -153,7 +166,7 @@ def print_table(rows: list[BenchRow], title: str, tags: list[str] | None = None)
                  f"{r.decode_tok_s_min:.1f}-{r.decode_tok_s_max:.1f}", f"{r.ttft_s * 1e3:.1f}",
                  _fmt(r.ttft_floor_s, ".1f", 1e3), f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", _fmt(r.hit_rate, ".3f"),
                  _fmt(r.recall_1, ".3f"), _fmt(r.predict_share, ".1f", 100),
-                 _fmt(r.decode_bytes_per_token, ".2f", 1e-6), _fmt(r.stall_s, ".3f"),
+                 _fmt(r.decode_bytes_per_token, ".2f", 1e-6), _fmt(r.link_share, ".0f", 100), _fmt(r.stall_s, ".3f"),
                  _fmt(r.overlap, ".2f"), _fmt(r.reuse, ".2f"), f"{r.peak_host_bytes / 2**20:.0f}",
                  _fmt(r.peak_device_bytes, ".0f", 2**-20), {None: "-", True: "yes", False: "NO"}[r.same_tokens]]
         table.add_row(*(([tags[i]] if tags else []) + cells))

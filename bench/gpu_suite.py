@@ -25,6 +25,7 @@ from activemoe.atomic import emit_json
 from activemoe.bench import BenchConfig, cache_config, run_bench
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig
 from activemoe.demo import BUNDLED
+from activemoe.hardware import pinned_h2d_gbps
 from activemoe.tiny import build_tiny_checkpoint
 from activemoe.trace import split_texts
 
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     name = "dry-run-cpu" if args.dry_run else torch.cuda.get_device_name().replace(" ", "-").lower()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # the TTFT floors and link shares are taken against the real link's measured speed (none on the dry run)
+    link_gbps = None if args.dry_run else pinned_h2d_gbps(torch.device(device))
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         trace = Path(work) / "bundled.trace"
         record_trace(trace, 512 if args.dry_run else 4096)
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             built_s = time.perf_counter() - started
             base = EngineConfig(device=device, dtype="bfloat16", replay_routing=str(trace), link=LinkConfig())
             config = BenchConfig(model, BASELINES, (8,) if args.dry_run else (16, 512), (1,),
-                                 4 if args.dry_run else args.new_tokens, 1 if args.dry_run else args.runs, engine=base)
+                                 4 if args.dry_run else args.new_tokens, 1 if args.dry_run else args.runs, engine=base,
+                                 measured_link_gbps=link_gbps)
             rows = {}
             for cache in ("25%", "50%"):
                 bench = replace(config, engine=replace(base, cache=cache_config(cache, CacheConfig())))
@@ -92,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
                 for r in rows[cache]:
                     print(f"{shape_name:>14} {cache:>4} {r['baseline']:<18} prompt {r['prompt_tokens']:>4} "
                           f"{r['decode_tok_s']:8.2f} tok/s  TTFT {r['ttft_s'] * 1e3:8.1f} ms  "
-                          f"hit {r['hit_rate'] if r['hit_rate'] is not None else float('nan'):.3f}")
+                          f"hit {r['hit_rate'] if r['hit_rate'] is not None else float('nan'):.3f}  "
+                          f"link {r['link_share'] * 100 if r['link_share'] is not None else float('nan'):.0f}%")
             result = {"bench": "gpu_suite", "shape": shape_name, "layers": shape["num_layers"],
                       "real_layers": real_layers, "device": name, "dtype": "bfloat16",
                       "measured": "wall clock", "routing": "replayed from the bundled model's held-out trace "
                       "(mapped onto the shape; approximate)", "link": "real (pinned host RAM to device)",
+                      "link_measured_gbps": link_gbps,
                       "checkpoint_build_s": built_s, "shape_config": shape, "rows": rows}
             emit_json(result, None if args.dry_run else out / f"gpu_{shape_name}_{name}.json")
     cost = (["--dry-run", "--runs", "1", "--new-tokens", "4", "--trace-tokens", "256"] if args.dry_run else

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -120,9 +121,11 @@ def bench_table(name: str, command: str) -> str:
     lines = [f"""`{command}` ({r['device']}, {r['dtype']}, link {r['link']}, cache {r['cache']}, {r['new_tokens']} new
 tokens, median of {r['runs']}{' interleaved' if interleaved else ''} runs, min-max over them; "vs reactive" compares decode tok/s with `reactive` at the same prompt and batch;
 TTFT floor = the prompt's distinct experts × expert bytes ÷ link; predict % = share of decode wall time spent in the
-predictor and its announcer, measured in place):
+predictor and its announcer, measured in place; link % = MB/token × decode tok/s ÷ link speed, the share of the
+link's capacity decode used):
 """, "| baseline | prompt | batch | decode tok/s | min-max | vs reactive | TTFT ms (floor) | decode hit | recall@1 "
-     "| predict % | MB/token | reuse | same tokens |", "|---" * 13 + "|"]
+     "| predict % | MB/token | link % | reuse | same tokens |", "|---" * 14 + "|"]
+    gbps = re.search(r"([0-9.]+) GB/s", r["link"])
     for row in r["rows"]:
         if row["baseline"] == "reactive":
             first[(row["prompt_tokens"], row["batch_size"])] = row["decode_tok_s"]
@@ -130,11 +133,13 @@ predictor and its announcer, measured in place):
         base = first.get((row["prompt_tokens"], row["batch_size"]))
         ratio = f"{row['decode_tok_s'] / base:.2f}×" if base else "-"
         floor = f" ({row['ttft_floor_s'] * 1e3:.0f})" if row["ttft_floor_s"] else ""
+        bytes_per_token = row["decode_bytes_per_token"]  # the share as activemoe.bench.link_share takes it
+        share = row["decode_tok_s"] * bytes_per_token / (float(gbps[1]) * 1e9) if gbps and bytes_per_token else None
         lines.append(f"| {row['baseline']} | {row['prompt_tokens']} | {row['batch_size']} | {row['decode_tok_s']:.1f} | "
                      f"{row['decode_tok_s_min']:.0f}-{row['decode_tok_s_max']:.0f} | {ratio} | "
                      f"{row['ttft_s'] * 1e3:.0f}{floor} | {_cell(row['hit_rate'], '.3f')} | "
                      f"{_cell(row['recall_1'], '.3f')} | {_cell(row.get('predict_share'), '.1f', 100)} | "
-                     f"{_cell(row['decode_bytes_per_token'], '.2f', 1e-6)} | "
+                     f"{_cell(row['decode_bytes_per_token'], '.2f', 1e-6)} | {_cell(share, '.0f', 100)} | "
                      f"{_cell(row['reuse'], '.2f')} | {'yes' if row['same_tokens'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 

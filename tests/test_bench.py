@@ -9,7 +9,7 @@ import torch
 
 from activemoe.atomic import write_atomic
 from activemoe.baselines import AccelerateRunner, engine_config
-from activemoe.bench import BenchConfig, cache_config, compare_grid, run_bench
+from activemoe.bench import BenchConfig, cache_config, compare_grid, link_share, run_bench
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig
 from activemoe.errors import UserError
 from activemoe.hardware import machine_label
@@ -27,6 +27,12 @@ def test_engine_config_of_spec_names():
         engine_config("magic", base)
     with pytest.raises(UserError, match="unknown baseline"):
         engine_config("learned+fifo", base)
+
+
+def test_link_share_is_bytes_per_second_over_the_link():
+    assert link_share(100.0, 1.5e6, 0.25) == pytest.approx(0.6)  # 150 MB/s of a 250 MB/s link
+    assert link_share(100.0, None, 0.25) is None  # no expert bytes (transformers, accelerate)
+    assert link_share(100.0, 1.5e6, None) is None  # a real link of unknown speed
 
 
 def test_cache_sizes():
@@ -50,6 +56,10 @@ def test_every_baseline_agrees_and_batches_share_loads(checkpoint):
     reactive = {r.batch_size: r for r in rows if r.baseline == "reactive"}
     assert reactive[1].reuse == 1.0 and reactive[3].reuse > 1.0  # three sequences share experts per step
     assert reactive[1].ttft_floor_s > 0 and reactive[1].decode_bytes_per_token > 0
+    # the share of the 2 GB/s link decode used: its bytes per second over the link's speed
+    assert reactive[1].link_share == pytest.approx(reactive[1].decode_tok_s * reactive[1].decode_bytes_per_token / 2e9)
+    assert 0 < reactive[1].link_share < 1
+    assert {r.link_share for r in rows if r.baseline in ("transformers", "accelerate")} == {None}
     assert {r.hit_rate for r in rows if r.baseline in ("transformers", "accelerate")} == {None}
     assert any("run 1/1" in text for text in seen)
 
@@ -164,6 +174,8 @@ def test_bench_bad_input(capsys, checkpoint, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bench_cuda_reports_device_peak(checkpoint):
     config = replace(BenchConfig.tiny(checkpoint("qwen3_moe"), ("transformers", "reactive")),
-                     engine=EngineConfig(device="cuda", cache=CacheConfig(num_slots=4)))
+                     engine=EngineConfig(device="cuda", cache=CacheConfig(num_slots=4)), measured_link_gbps=20.0)
     rows = run_bench(config)
     assert all(r.peak_device_bytes and r.same_tokens for r in rows)
+    reactive = next(r for r in rows if r.baseline == "reactive")  # floors and shares against the measured link
+    assert reactive.ttft_floor_s > 0 and reactive.link_share is not None
