@@ -201,8 +201,8 @@ def section() -> str:
                       "activemoe bench --model activemoe/assets/tiny-moe --baselines reactive,none+lfru@3,learned+slru@3,"
                       "learned+lfru@3 --prompt-lengths 128,256,512 --out bench/results/bench_lfru_cpu"),
              optional(bench_table, "bench_headline_cpu/bench.json",
-                      "activemoe bench --model activemoe/assets/tiny-moe --baselines reactive,learned+lfru@3 "
-                      "--prompt-lengths 128,256,512 --out bench/results/bench_headline_cpu"),
+                      "activemoe bench --model activemoe/assets/tiny-moe --baselines reactive,learned+lfru@2,learned+lfru@3,"
+                      "oracle+belady@3 --prompt-lengths 128,256,512 --out bench/results/bench_headline_cpu"),
              optional(compare), optional(resident)]
     intro = (f"All figures below are **measured** on {machines()}, one torch thread (wall clock; load memory as peak "
              "RSS); emulated-link runs name the link speed. This section is generated from `bench/results/*.json` by "
