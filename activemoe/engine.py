@@ -81,6 +81,7 @@ class GenerationStats:
     critical_loads: int  # loads the compute path had to wait for (misses)
     speculative_loads: int  # loads started on a prediction
     wasted_loads: int  # speculative loads evicted before any use
+    late_loads: int  # speculative loads the compute path had to wait for (predicted, not landed when routed)
     host_computed: int  # experts computed from their host copy
     recall: dict[str, float] = field(default_factory=dict)  # lookahead k -> live recall@k over decode steps
     decode_bytes_per_token: float = 0.0  # bytes copied into slots per decode step (prefill excluded)
@@ -294,6 +295,7 @@ class Engine:
             peak_rss_bytes=peak_rss_bytes(), stall_s=ld.stall_s,
             overlap=max(0.0, 1.0 - ld.stall_s / ld.busy_s) if ld.busy_s > 0 else 1.0,
             critical_loads=ss.critical, speculative_loads=cs.loads - ss.critical, wasted_loads=cs.wasted,
+            late_loads=ss.promoted,
             host_computed=rt.host_computed, recall=self.runtime.recall_and_reset(), per_token_s=steps,
             decode_bytes_per_token=(streamer.bytes[-1] - streamer.bytes[0]) / len(steps) / len(prompt_ids)
             if steps else 0.0, batch_size=len(prompt_ids), reuse=rt.reuse, decode_hit_rate=rt.decode_hit_rate,

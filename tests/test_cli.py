@@ -165,6 +165,7 @@ def test_generate_with_prefetch_flags_reports_runtime_stats(capsys, checkpoint):
     rc, out, err = run(capsys, *argv)
     assert rc == 0, err
     stats = json.loads(out)["stats"]
-    for key in ("stall_s", "overlap", "critical_loads", "speculative_loads", "wasted_loads", "host_computed"):
+    for key in ("stall_s", "overlap", "critical_loads", "speculative_loads", "wasted_loads", "late_loads",
+                "host_computed"):
         assert key in stats
     assert stats["speculative_loads"] > 0 and stats["link_gbps"] == 0.5

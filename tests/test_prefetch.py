@@ -1,6 +1,7 @@
 """Prefetch runtime: exact parity for every policy, predictor, lookahead, link speed, store and
 --experts-on mode; the wait-or-compute decision; faults; no deadlock."""
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -48,6 +49,18 @@ def test_oracle_prefetch_replays_and_hits(checkpoint):
         reactive = eng.generate([5, 6, 7, 8], max_new_tokens=24, sampling=GREEDY)
     assert reactive.token_ids == out.token_ids
     assert reactive.stats.speculative_loads == 0 and s.hit_rate > reactive.stats.hit_rate
+
+
+def test_late_loads_count_predictions_that_had_not_landed(checkpoint):
+    """A prediction one layer ahead over a link far slower than a layer's compute is still in flight when
+    its layer routes: the compute path waits for it (a late load), and it is a speculative load."""
+    slow = EngineConfig(cache=CacheConfig(num_slots=4), link=LinkConfig(link_gbps=0.005),
+                        prefetch=PrefetchConfig(predictor="oracle", lookahead=1))
+    with activemoe.load(checkpoint("qwen3_moe"), slow) as eng:
+        s = eng.generate([5, 6, 7, 8], max_new_tokens=8, sampling=GREEDY).stats
+    assert 0 < s.late_loads <= s.speculative_loads
+    with activemoe.load(checkpoint("qwen3_moe"), replace(slow, prefetch=PrefetchConfig())) as eng:
+        assert eng.generate([5, 6, 7, 8], max_new_tokens=8, sampling=GREEDY).stats.late_loads == 0  # nothing predicted
 
 
 def test_miss_cost_model_decision():
