@@ -198,6 +198,13 @@ def _add_predictor_commands(sub) -> None:
     e.add_argument("--lookahead", type=int, default=3)
     e.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
     e.add_argument("--plot", help="write a recall heatmap PNG here")
+    e.add_argument("--device", default="cpu",
+                   help="where the model's routers and the learned heads run, as the runtime runs them: cpu or "
+                        "cuda (default cpu)")
+    e.add_argument("--no-cost", dest="cost", action="store_false",
+                   help="skip the in-place cost, which decodes with every expert in a slot (memory for the whole "
+                        "model, twice on CPU); recall alone reads no expert weights, so a model larger than "
+                        "this machine can be evaluated")
     e.add_argument("--json", action="store_true", help="print only the JSON line")
 
 
@@ -282,7 +289,11 @@ def cmd_predict_eval(args) -> int:
     from activemoe.trace import load_trace
 
     trace = load_trace(args.trace)
-    with engine.load(args.model, EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng:
+    # the in-place cost needs every expert resident; recall needs only the routers (and the heads): then the
+    # experts stay in the checkpoint files (disk tier, the minimum of slots) and none is read
+    config = (EngineConfig(device=args.device, cache=CacheConfig(slot_fraction=1.0)) if args.cost else
+              EngineConfig(device=args.device, cache=CacheConfig(slot_fraction=0.0), store="disk"))
+    with engine.load(args.model, config) as eng:
         trace.check_model(eng.shape_id)
         experts = offloaded_modules(eng.model)
         layers, budget = sorted(experts), args.budget or eng.top_k
@@ -290,34 +301,37 @@ def cmd_predict_eval(args) -> int:
                       HistoryPredictor(layers, trace.num_experts, args.lookahead)]
         sidecar = Path(args.predictor_file) if args.predictor_file else Path(args.model) / SIDECAR
         if args.predictor_file or sidecar.is_file():
-            predictors.append(LearnedPredictor(load_heads(sidecar, eng.shape_id), layers, args.lookahead))
+            predictors.append(LearnedPredictor(load_heads(sidecar, eng.shape_id), layers, args.lookahead, eng.device))
         predictors.append(AdaptivePredictor([PregatePredictor(router_parts(eng.model, experts), args.lookahead),
                                              HistoryPredictor(layers, trace.num_experts, args.lookahead),
                                              *predictors[2:]], eng.top_k))
-        scores = [evaluate(trace, p, budget, args.max_tokens) for p in predictors]
-        cost = cost_in_place(eng, [NoPredictor(), *predictors])
+        scores = [evaluate(trace, p, budget, args.max_tokens, eng.device) for p in predictors]
+        cost = cost_in_place(eng, [NoPredictor(), *predictors]) if args.cost else {}
         shares = {name: share for name, (share, _) in cost.items()}
         steps = {name: step for name, (_, step) in cost.items()}
     ks = range(1, args.lookahead + 1)
+    machine = machine_label(args.device)
     if not args.json:
+        in_place = (f" and % of the decode step in place (all experts resident, 64 greedy tokens; step "
+                    f"{steps['none']:.0f} us with no predictor)" if cost else " (in-place cost skipped: --no-cost)")
         print(f"predictor evaluation (teacher-forced on {args.trace}; budget {budget} experts per layer). Cost "
-              f"measured, wall clock, this machine's CPU: us/token isolated (the predictor's calls alone, back to "
-              f"back) and % of the decode step in place (all experts resident, 64 greedy tokens; step "
-              f"{steps['none']:.0f} us with no predictor)")
+              f"measured, wall clock, on {machine}: us/token isolated (the predictor's calls alone, back to "
+              f"back){in_place}")
         head = " ".join(f"{'R@' + str(k):>6}" for k in ks) + " " + " ".join(f"{'P@' + str(k):>6}" for k in ks)
         print(f"{'predictor':<10} {head} {'us/token':>9} {'% step':>7}")
         for s in scores:
             cells = " ".join(f"{s.recall(k):>6.3f}" for k in ks) + " " + " ".join(f"{s.precision(k):>6.3f}" for k in ks)
-            print(f"{s.name:<10} {cells} {s.us_per_token:>9.1f} {100 * shares[s.name]:>6.2f}%")
+            share = f"{100 * shares[s.name]:>6.2f}%" if cost else f"{'-':>7}"
+            print(f"{s.name:<10} {cells} {s.us_per_token:>9.1f} {share}")
     if args.plot:
         heatmap(scores, layers, args.lookahead, args.plot)
-    print(json.dumps({"measured": "wall clock", "machine": machine_label(), "budget": budget,
-                      "decode_step_us": steps["none"], "predictors": {
+    print(json.dumps({"measured": "wall clock", "machine": machine, "budget": budget,
+                      "decode_step_us": steps.get("none"), "predictors": {
         s.name: {"recall": {str(k): s.recall(k) for k in ks}, "precision": {str(k): s.precision(k) for k in ks},
                  "recall_by_layer": {str(k): {str(layer): s.recall(k, layer) for layer in layers
                                              if s.recall(k, layer) == s.recall(k, layer)} for k in ks},
-                 "us_per_token_isolated": s.us_per_token, "step_share_in_place": shares[s.name],
-                 "decode_step_us_in_place": steps[s.name]} for s in scores}}))
+                 "us_per_token_isolated": s.us_per_token, "step_share_in_place": shares.get(s.name),
+                 "decode_step_us_in_place": steps.get(s.name)} for s in scores}}))
     return 0
 
 

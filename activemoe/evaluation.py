@@ -43,8 +43,10 @@ class PredictorScore:
         return self.seconds / self.tokens * 1e6 if self.tokens else 0.0
 
 
-def evaluate(trace: Trace, predictor: Predictor, budget: int, max_tokens: int | None = None) -> PredictorScore:
-    """Replay the trace token by token through the predictor, as the runtime would at decode time."""
+def evaluate(trace: Trace, predictor: Predictor, budget: int, max_tokens: int | None = None,
+             device: torch.device | str = "cpu") -> PredictorScore:
+    """Replay the trace token by token through the predictor, as the runtime would at decode time, its
+    inputs on `device` (the model's, where the runtime holds them)."""
     if trace.hidden is None and predictor.name in ("pregate", "learned"):
         from activemoe.errors import UserError
 
@@ -57,11 +59,11 @@ def evaluate(trace: Trace, predictor: Predictor, budget: int, max_tokens: int | 
         if max_tokens is not None and n >= max_tokens:
             break
         # what the runtime already holds (in float32, the bundled model's dtype; traces store float16)
-        inputs = [(n * len(layers) + i, layer, trace.hidden[rows[layer]:rows[layer] + 1].float()
+        inputs = [(n * len(layers) + i, layer, trace.hidden[rows[layer]:rows[layer] + 1].float().to(device)
                    if trace.hidden is not None else torch.zeros(1, 1), trace.experts[rows[layer]:rows[layer] + 1].long())
                   for i, layer in enumerate(layers) if layer in rows]
         if sees_tokens:  # before the first MoE layer: the token's embedding
-            inputs.insert(0, (n * len(layers) - 1, TOKENS, trace.tokens[token:token + 1].float(), None))
+            inputs.insert(0, (n * len(layers) - 1, TOKENS, trace.tokens[token:token + 1].float().to(device), None))
         start = time.perf_counter()  # the predictor's own time: its calls, as the runtime makes them
         predictions = [predictor.predict(*args) for args in inputs]
         score.seconds += time.perf_counter() - start

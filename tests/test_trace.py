@@ -10,6 +10,7 @@ from activemoe.cli import main
 from activemoe.config import EngineConfig, SamplingConfig
 from activemoe.errors import UserError
 from activemoe.predictors import TOKENS
+from activemoe.store import ExpertStore
 from activemoe.learned import RANKED_ROWS, Head, LearnedPredictor, load_heads, save_heads, train_heads
 from activemoe.trace import load_trace
 from tests.test_cli import assert_user_error
@@ -245,7 +246,7 @@ def test_parity_with_learned_heads_single_and_batched(recorded, tmp_path):
                        eng.model.generate(batch, attention_mask=mask, **GEN))
 
 
-def test_trace_cli_flow_and_bad_input(capsys, recorded, tmp_path):
+def test_trace_cli_flow_and_bad_input(capsys, recorded, tmp_path, monkeypatch):
     model_dir, path, _ = recorded
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("5 6 7\n")
@@ -269,6 +270,16 @@ def test_trace_cli_flow_and_bad_input(capsys, recorded, tmp_path):
     assert set(result["predictors"]) == {"pregate", "history", "learned", "adaptive"}
     assert all(0 < p["step_share_in_place"] < 1 for p in result["predictors"].values())  # measured in place
     assert (tmp_path / "h.png").stat().st_size > 1000
+    # recall alone: no expert weight is read (a model larger than the machine can be evaluated), same recall
+    reads = []
+    monkeypatch.setattr(ExpertStore, "read_from_checkpoint", lambda self, eid, pool=None: reads.append(eid))
+    assert main(["predict-eval", "--model", str(model_dir), "--trace", str(path), "--predictor-file", str(out),
+                 "--lookahead", "2", "--json", "--no-cost"]) == 0
+    recall_only = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reads == [] and recall_only["decode_step_us"] is None
+    for name, p in recall_only["predictors"].items():
+        assert p["recall"] == result["predictors"][name]["recall"] and p["step_share_in_place"] is None
+    monkeypatch.undo()
     other = activemoe.tiny.build_tiny_checkpoint("olmoe", tmp_path / "olmoe")
     assert_user_error(capsys, ["predict-eval", "--model", str(other), "--trace", str(path)], "another model")
     assert_user_error(capsys, ["generate", "--model", str(other), "--prompt-ids", "5", "--predictor", "learned",
