@@ -12,12 +12,11 @@ import sys
 from dataclasses import asdict
 
 from activemoe.config import (EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, LinkConfig, PrefetchConfig,
-                              SamplingConfig, parse_size)
+                              SamplingConfig)
 from activemoe import cli_bench, cli_simulate, cli_tools
 from activemoe.errors import UserError
 from activemoe.policies import POLICIES
 from activemoe.predictors import PREDICTORS
-from activemoe.store import TIERS
 
 
 def _add_generate(sub) -> None:
@@ -34,14 +33,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, help="sampling temperature (turns sampling on); 0 means greedy")
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold (turns sampling on)")
     p.add_argument("--seed", type=int, help="random seed for sampling")
-    p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default cpu)")
     cli_tools.add_dtype_flag(p)
-    slots = p.add_mutually_exclusive_group()
-    slots.add_argument("--cache-experts", type=int, help="expert slots on the device (default: 25%% of all experts)")
-    slots.add_argument("--expert-memory", help="memory for expert slots, e.g. 2GiB; sets the slot count")
-    slots.add_argument("--gpu-memory", help="device budget, e.g. 12GiB: the planner reserves resident weights, the "
-                                            "KV cache at --context, activations and workspace; slots get the rest")
-    p.add_argument("--context", type=int, default=4096, help="context length the planner reserves KV cache for")
+    cli_tools.add_memory_flags(p, "25%% of all experts")
     p.add_argument("--policy", default="lru", choices=sorted(POLICIES),
                    help="eviction policy: lru, lfu, lfru (decayed use count, kept across evictions), slru (hot/cold segments), belady (future knowledge, with --predictor oracle only); default lru")
     p.add_argument("--predictor", default="none", choices=PREDICTORS,
@@ -59,9 +52,6 @@ def _add_generate(sub) -> None:
                                             "directory's activemoe-predictor.safetensors)")
     p.add_argument("--link-gbps", type=float,
                    help="emulate a host-to-device link of this many GB/s (CPU copies are paced to it)")
-    p.add_argument("--store", default="ram", choices=TIERS,
-                   help="slow tier: ram (host copies of all experts) or disk (read on demand from the checkpoint "
-                        "files, bypassing the page cache, for models larger than RAM); default ram")
     p.add_argument("--experts-on", default="device", choices=EXPERTS_ON,
                    help="where routed experts run: device (slots), host (host copies, llama.cpp --cpu-moe style), "
                         "auto (per miss, whichever a measured cost model says finishes sooner); default device")
@@ -90,10 +80,8 @@ def cmd_generate(args) -> int:
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    cache = CacheConfig(num_slots=args.cache_experts, policy=args.policy,
-                        expert_memory_bytes=parse_size(args.expert_memory) if args.expert_memory else None,
-                        device_memory_bytes=parse_size(args.gpu_memory) if args.gpu_memory else None,
-                        context_tokens=args.context, first_layer_reserve=not args.no_first_layer_reserve)
+    cache = cli_tools.memory_cache(args, CacheConfig.slot_fraction, policy=args.policy,
+                                   first_layer_reserve=not args.no_first_layer_reserve)
     if args.lookahead < 1:
         raise UserError("--lookahead must be at least 1")
     config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache, store=args.store, routing=args.routing,

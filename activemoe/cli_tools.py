@@ -28,11 +28,40 @@ def progress_bar(description: str):
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+ALL_EXPERTS = "every expert; with a model larger than the device, give a size"
+
+
 def add_dtype_flag(p) -> None:
     """--dtype, shared by every command that loads a checkpoint's weights (or plans for them)."""
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="compute dtype of the resident weights and expert slots (default auto: the checkpoint's own, "
                         "float32 when its config names none)")
+
+
+def add_memory_flags(p, default: str) -> None:
+    """Where the model computes and how much of it the device holds, shared by every command that runs a
+    model: --device, one of --cache-experts / --expert-memory / --gpu-memory (`default` when none), --context
+    (what --gpu-memory reserves KV cache for) and --store."""
+    from activemoe.store import TIERS
+
+    p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default cpu)")
+    slots = p.add_mutually_exclusive_group()
+    slots.add_argument("--cache-experts", type=int, help=f"expert slots on the device (default: {default})")
+    slots.add_argument("--expert-memory", help="memory for expert slots, e.g. 2GiB; sets the slot count")
+    slots.add_argument("--gpu-memory", help="device budget, e.g. 12GiB: the planner reserves resident weights, the "
+                                            "KV cache at --context, activations and workspace; slots get the rest")
+    p.add_argument("--context", type=int, default=4096, help="context length the planner reserves KV cache for")
+    p.add_argument("--store", default="ram", choices=TIERS,
+                   help="slow tier: ram (host copies of all experts) or disk (read on demand from the checkpoint "
+                        "files, bypassing the page cache, for models larger than RAM); default ram")
+
+
+def memory_cache(args, slot_fraction: float, **cache) -> CacheConfig:
+    """The CacheConfig of add_memory_flags' flags (`slot_fraction` of all experts when no size is given)."""
+    return CacheConfig(num_slots=args.cache_experts, slot_fraction=slot_fraction,
+                       expert_memory_bytes=parse_size(args.expert_memory) if args.expert_memory else None,
+                       device_memory_bytes=parse_size(args.gpu_memory) if args.gpu_memory else None,
+                       context_tokens=args.context, **cache)
 
 
 def add_precision_flags(p) -> None:
@@ -55,6 +84,7 @@ def _add_perplexity(sub) -> None:
     source.add_argument("--split", choices=("heldout", "train"), help="a bundled-style model's corpus split")
     p.add_argument("--routing", default="exact", choices=ROUTING)
     add_dtype_flag(p)
+    add_memory_flags(p, ALL_EXPERTS)
     add_precision_flags(p)
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=256)
@@ -141,15 +171,16 @@ def cmd_perplexity(args) -> int:
 
     if args.max_tokens < 2 or args.seq_len < 2:
         raise UserError("--max-tokens and --seq-len must be at least 2")
-    config = EngineConfig(cache=CacheConfig(slot_fraction=1.0), routing=args.routing, dtype=args.dtype,
-                          precision=args.precision, quant_cache_dir=args.quant_cache)
+    config = EngineConfig(device=args.device, cache=memory_cache(args, 1.0), store=args.store, routing=args.routing,
+                          dtype=args.dtype, precision=args.precision, quant_cache_dir=args.quant_cache)
     with progress_bar("reading experts") as on_progress:  # and quantising them, once
         eng = engine.load(args.model, config, on_progress)
     with eng:
         ppl, tokens = eng.perplexity(_chunks(eng, _texts(args), args.seq_len, args.max_tokens))
+        slots = eng.load_stats.num_slots
     dtype = engine.checkpoint_dtype_name(args.model, args.dtype)
     print(json.dumps({"model": args.model, "routing": args.routing, "precision": args.precision, "dtype": dtype,
-                      "perplexity": ppl, "tokens": tokens,
+                      "perplexity": ppl, "tokens": tokens, "num_slots": slots, "store": args.store,
                       "approximate": args.routing != "exact" or args.precision != "native"}))
     return 0
 
@@ -169,6 +200,7 @@ def _add_trace(sub) -> None:
     p.add_argument("--hidden", action="store_true", help="also record hidden states (needed by pregate/learned)")
     p.add_argument("--max-tokens", type=int, default=8192, help="stop after this many tokens (default 8192)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per forward pass (default 256)")
+    add_memory_flags(p, ALL_EXPERTS)
 
 
 def _add_predictor_commands(sub) -> None:
@@ -244,13 +276,15 @@ def cmd_trace(args) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: directory {out.parent} does not exist")
-    with engine.load(args.model, EngineConfig(cache=CacheConfig(slot_fraction=1.0))) as eng, \
-            progress_bar("recording") as on_progress:
+    config = EngineConfig(device=args.device, cache=memory_cache(args, 1.0), store=args.store)
+    with engine.load(args.model, config) as eng, progress_bar("recording") as on_progress:
         trace = eng.record_trace(_chunks(eng, _texts(args), args.seq_len, args.max_tokens), keep_hidden=args.hidden,
                                  on_progress=on_progress)
+        slots = eng.load_stats.num_slots
     trace.save(out)
     print(json.dumps({"trace": str(out), "rows": int(trace.layer.numel()), "tokens": int(trace.token.max()) + 1,
-                      "hidden": trace.hidden is not None, "shape_id": trace.meta["shape_id"]}))
+                      "hidden": trace.hidden is not None, "shape_id": trace.meta["shape_id"], "num_slots": slots,
+                      "store": args.store}))
     return 0
 
 

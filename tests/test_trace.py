@@ -7,6 +7,7 @@ import torch
 import activemoe
 import activemoe.tiny
 from activemoe.cli import main
+from activemoe.demo import BUNDLED
 from activemoe.config import EngineConfig, SamplingConfig
 from activemoe.errors import UserError
 from activemoe.predictors import TOKENS
@@ -389,3 +390,26 @@ def test_the_runtime_does_deferred_predictor_work_while_it_waits(recorded, tmp_p
     assert out.stats.stall_s > 0 and out.stats.predict_share > 0
     assert 0 < out.stats.predict_waiting_share * sum(out.stats.per_token_s) <= out.stats.stall_s
     assert tokens[None] == tokens[0.005]
+
+
+@pytest.mark.skipif(not (BUNDLED / "config.json").is_file(), reason="bundled model not built")
+def test_trace_record_of_a_model_larger_than_the_device(tmp_path, capsys):
+    """`trace record` and `perplexity` take generate's memory flags, so a model that does not fit can be
+    traced and scored offloaded: a few slots over the disk tier record the same routing and the same
+    perplexity as every expert resident (exact mode)."""
+    base = ["--model", str(BUNDLED), "--split", "heldout", "--max-tokens", "256"]
+    small = ["--cache-experts", "4", "--store", "disk"]
+    traces, slots = {}, []
+    for name, flags in (("all", []), ("small", small)):
+        assert main(["trace", "record", *base, "--hidden", "--out", str(tmp_path / name), *flags]) == 0
+        traces[name] = load_trace(tmp_path / name)
+        slots.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_slots"])
+    assert slots == [64, 4]
+    assert torch.equal(traces["all"].experts, traces["small"].experts)
+    assert torch.equal(traces["all"].hidden, traces["small"].hidden)
+    scores = []
+    for flags in ([], small):
+        assert main(["perplexity", *base, *flags]) == 0
+        result = json.loads(capsys.readouterr().out)
+        scores.append((result["perplexity"], result["num_slots"], result["store"]))
+    assert scores[1] == (scores[0][0], 4, "disk") and scores[0][1:] == (64, "ram")
