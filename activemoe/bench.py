@@ -61,7 +61,7 @@ class BenchRow:
     stall_s: float | None = None
     overlap: float | None = None
     reuse: float | None = None
-    ttft_floor_s: float | None = None  # prefill's distinct experts x expert bytes / link (emulated link only)
+    ttft_floor_s: float | None = None  # prefill's distinct experts x expert bytes / link (emulated, or measured on CUDA)
     predict_share: float | None = None  # median share of decode wall time in the predictor (ActiveMoE, in place)
     link_share: float | None = None  # share of the link's capacity decode used (see link_share)
 
