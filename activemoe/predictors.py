@@ -13,6 +13,7 @@ import bisect
 import math
 from typing import NamedTuple, Protocol
 
+import numpy as np
 import torch
 
 from activemoe.errors import UserError
@@ -43,11 +44,6 @@ class Predictor(Protocol):
     # Optional: `idle() -> bool` does a piece of work the predictor deferred from predict() (work only a later
     # call needs), returning whether more is left. The runtime calls it while it waits on a load; what is left
     # at the next call, that call does.
-
-
-def ranked(layer: int, distance: int, scores: torch.Tensor) -> Prediction:
-    probs, experts = scores.sort(descending=True)  # [E]
-    return Prediction(distance, layer, tuple(experts.tolist()), tuple(probs.tolist()))
 
 
 class Announcer:
@@ -210,7 +206,8 @@ class PregatePredictor:
 class HistoryPredictor:
     """Expert-transition statistics: how often expert e at layer L-j (j = 0, 1, 2) of a token was
     followed by expert e' at layer L+k of the same token. Learned online as the model runs (and from
-    traces via `observe`)."""
+    traces via `observe`). In numpy: a call is a few tiny array operations, which torch would pay a
+    dispatch for each."""
 
     name = "history"
 
@@ -218,8 +215,8 @@ class HistoryPredictor:
         self.layers, self.lookahead, self.depth = sorted(layers), lookahead, depth
         self.position = {layer: i for i, layer in enumerate(self.layers)}
         n = len(self.layers)
-        self.counts = torch.zeros(n, n, num_experts, num_experts)  # [src, tgt, e_src, e_tgt]
-        self._recent: dict[int, torch.Tensor] = {}  # position -> [T, K] routing of the current step
+        self.counts = np.zeros((n, n, num_experts, num_experts), np.float32)  # [src, tgt, e_src, e_tgt]
+        self._recent: dict[int, np.ndarray] = {}  # position -> [T, K] routing of the current step
 
     def begin(self) -> None:
         self._recent.clear()
@@ -228,27 +225,30 @@ class HistoryPredictor:
         """Record a layer's routing [T, K] and learn the transitions into it from the earlier layers."""
         if position == 0:
             self._recent.clear()
+        routing = top_k_index.numpy(force=True)  # [T, K]
+        num = self.counts.shape[-1]
         for src in range(max(0, position - self.depth - self.lookahead), position):
             prev = self._recent.get(src)
-            if prev is not None and prev.shape[0] == top_k_index.shape[0]:
-                pairs = (prev[:, :, None] * self.counts.shape[-1] + top_k_index[:, None, :]).reshape(-1)
-                flat = self.counts[src, position].view(-1)
-                flat.index_add_(0, pairs, torch.ones_like(pairs, dtype=flat.dtype))
-        self._recent[position] = top_k_index.cpu()
+            if prev is not None and prev.shape[0] == routing.shape[0]:
+                pairs = (prev[:, :, None] * num + routing[:, None, :]).reshape(-1)  # [T*K*K] flat (e_src, e_tgt)
+                self.counts[src, position] += np.bincount(pairs, minlength=num * num).reshape(num, num)
+        self._recent[position] = routing
 
     def predict(self, event, layer, hidden, top_k_index) -> list[Prediction]:
         position = self.position[layer]
-        self.observe(position, top_k_index.cpu())
+        self.observe(position, top_k_index)
         out = []
         for k in range(1, self.lookahead + 1):
             target = position + k
             if target >= len(self.layers):
                 break
-            score = torch.zeros(self.counts.shape[-1])
+            score = np.zeros(self.counts.shape[-1], np.float32)
             for src in range(max(0, position - self.depth + 1), position + 1):
                 rows = self.counts[src, target][self._recent[src].reshape(-1)]  # [T*K, E]
-                score += (rows / rows.sum(-1, keepdim=True).clamp_min(1)).sum(0)
-            out.append(ranked(self.layers[target], k, score / max(1e-9, score.sum())))
+                score += (rows / np.maximum(rows.sum(-1, keepdims=True), 1)).sum(0)
+            experts = np.argsort(-score, kind="stable")  # [E] best first, ties by expert id
+            probs = score[experts] / max(1e-9, float(score.sum()))
+            out.append(Prediction(k, self.layers[target], tuple(experts.tolist()), tuple(probs.tolist())))
         return out
 
 
