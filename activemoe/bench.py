@@ -61,7 +61,7 @@ class BenchRow:
     stall_s: float | None = None
     overlap: float | None = None
     reuse: float | None = None
-    ttft_floor_s: float | None = None  # prefill's distinct experts x expert bytes / link (emulated, or measured on CUDA)
+    ttft_floor_s: float | None = None  # prefill's distinct experts x expert bytes / link (link_speed)
     predict_share: float | None = None  # median share of decode wall time in the predictor (ActiveMoE, in place)
     link_share: float | None = None  # share of the link's capacity decode used (see link_share)
 
@@ -191,14 +191,14 @@ def run_bench(config: BenchConfig, progress: Progress = lambda _: None,
             for spec in group:
                 for shape in shapes:
                     reference = references.setdefault(shape, results[(spec, shape)][0].sequences)
-                    rows.append(reduce_runs(spec, shape[0], results[(spec, shape)], reference, _link(config)))
+                    rows.append(reduce_runs(spec, shape[0], results[(spec, shape)], reference, link_speed(config)))
         finally:
             for runner in runners.values():
                 runner.close()
     return rows
 
 
-def _link(config: BenchConfig) -> float | None:
+def link_speed(config: BenchConfig) -> float | None:
     """The link speed floors and shares are taken against: the emulated one on CPU, the measured one on CUDA."""
     return config.engine.link.link_gbps if config.engine.device == "cpu" else config.measured_link_gbps
 

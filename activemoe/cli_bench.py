@@ -11,7 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from activemoe.atomic import emit_json, write_atomic
-from activemoe.bench import BenchConfig, BenchRow, cache_config, compare_grid, default_baselines, run_bench
+from activemoe.bench import (BenchConfig, BenchRow, cache_config, compare_grid, default_baselines, link_speed,
+                             run_bench)
 from activemoe.cli_tools import add_dtype_flag
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig
 from activemoe.errors import UserError
@@ -41,8 +42,8 @@ def _common(p) -> None:
 def add_parsers(sub) -> None:
     p = sub.add_parser("bench", help="benchmark ActiveMoE against the baselines users would pick",
                        description="Decode tokens/s, TTFT (against its link floor), per-token p50/p99, hit rate, "
-                                   "recall, bytes per token, link share, stall, overlap and peak memory, for each baseline at "
-                                   "each prompt length and batch size. Measured wall clock. Baselines: "
+                                   "recall, bytes per token, link share, stall, overlap and peak memory, for each "
+                                   "baseline at each prompt length and batch size. Measured wall clock. Baselines: "
                                    "transformers (all experts resident), accelerate (its device_map offload of the "
                                    "experts), reactive (on-demand LRU), host (experts computed on the host), and "
                                    "PREDICTOR[+POLICY][@LOOKAHEAD], e.g. learned+slru@2. Floors and link shares are "
@@ -126,10 +127,13 @@ def _measure(fn):
 
 
 def link_label(config: BenchConfig) -> str:
-    link, measured = config.engine.link.link_gbps, config.measured_link_gbps
-    if link and config.engine.device == "cpu":
-        return f"emulated {link} GB/s"
-    return f"real, pinned host-to-device measured {measured:.1f} GB/s" if measured else "real"
+    """The link a result's floors and shares are taken against (bench.link_speed), as its JSON names it."""
+    gbps = link_speed(config)
+    if not gbps:
+        return "real"
+    if config.engine.device == "cpu":
+        return f"emulated {gbps} GB/s"
+    return f"real, pinned host-to-device measured {gbps:.1f} GB/s"
 
 
 def conditions(config: BenchConfig) -> dict:
@@ -157,8 +161,9 @@ def print_table(rows: list[BenchRow], title: str, tags: list[str] | None = None)
 
     table = Table(title=title)
     columns = (["cache"] if tags else []) + ["baseline", "prompt", "batch", "tok/s", "min-max", "TTFT ms", "floor ms",
-                                             "p50 ms", "p99 ms", "decode hit", "recall@1", "predict %", "MB/tok", "link %", "stall s", "overlap",
-                                             "reuse", "host MiB", "dev MiB", "same tokens"]
+                                             "p50 ms", "p99 ms", "decode hit", "recall@1", "predict %", "MB/tok",
+                                             "link %", "stall s", "overlap", "reuse", "host MiB", "dev MiB",
+                                             "same tokens"]
     for c in columns:
         table.add_column(c, justify="left" if c in ("baseline", "cache") else "right")
     for i, r in enumerate(rows):

@@ -24,6 +24,7 @@ import torch
 import activemoe
 from activemoe.atomic import emit_json
 from activemoe.bench import BenchConfig, cache_config, run_bench
+from activemoe.cli_bench import link_label
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig
 from activemoe.demo import BUNDLED
 from activemoe.hardware import pinned_h2d_gbps
@@ -105,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             result = {"bench": "gpu_suite", "shape": shape_name, "layers": shape["num_layers"],
                       "real_layers": real_layers, "device": name, "dtype": "bfloat16",
                       "measured": "wall clock", "routing": "replayed from the bundled model's held-out trace "
-                      "(mapped onto the shape; approximate)", "link": "real (pinned host RAM to device)",
-                      "link_measured_gbps": link_gbps,
+                      "(mapped onto the shape; approximate)", "link": link_label(config),
                       "note": f"{' and '.join(WHOLE_MODEL)} hold no slots: they run at the 25% cache only",
                       "checkpoint_build_s": built_s, "shape_config": shape, "rows": rows}
             emit_json(result, None if args.dry_run else out / f"gpu_{shape_name}_{name}.json")
