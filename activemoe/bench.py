@@ -103,19 +103,20 @@ def _percentile(values: list[float], q: float) -> float:
 def reduce_runs(baseline: str, prompt_tokens: int, results: list[RunResult], reference: list[list[int]] | None,
                 link_gbps: float | None) -> BenchRow:
     speeds = [r.decode_tok_s for r in results]
+    speed = statistics.median(speeds)
     steps_ms = [s * 1e3 for r in results for s in r.per_token_s]
     last = results[-1]
     needed = last.prefill_bytes_needed
     floor = needed / (link_gbps * 1e9) if needed and link_gbps else None
     return BenchRow(
-        baseline, prompt_tokens, last.batch_size, statistics.median(speeds), min(speeds), max(speeds),
+        baseline, prompt_tokens, last.batch_size, speed, min(speeds), max(speeds),
         statistics.median(r.ttft_s for r in results), _percentile(steps_ms, 0.5), _percentile(steps_ms, 0.99),
         max(r.peak_host_bytes for r in results),
         None if last.peak_device_bytes is None else max(r.peak_device_bytes for r in results),
         None if reference is None else all(r.sequences == reference for r in results),
         last.hit_rate, last.recall.get("1"), last.decode_bytes_per_token, last.stall_s, last.overlap, last.reuse, floor,
         None if last.predict_share is None else statistics.median(r.predict_share for r in results),
-        link_share(statistics.median(speeds), last.decode_bytes_per_token, link_gbps))
+        link_share(speed, last.decode_bytes_per_token, link_gbps))
 
 
 def link_share(decode_tok_s: float, bytes_per_token: float | None, link_gbps: float | None) -> float | None:
