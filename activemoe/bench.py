@@ -150,12 +150,13 @@ def does_not_fit(spec: str, config: BenchConfig) -> str | None:
     return None
 
 
-def run_bench(config: BenchConfig, progress: Progress = lambda _: None,
-              skipped: list[str] | None = None) -> list[BenchRow]:
+def run_bench(config: BenchConfig, progress: Progress = lambda _: None, skipped: list[str] | None = None,
+              on_row: Callable[[BenchRow], None] = lambda _: None) -> list[BenchRow]:
     """All rows; the reference tokens come from the first baseline run (exact baselines agree with it).
     Whole-model baselines that cannot fit are left out, with the reason appended to `skipped`.
     Interleaved: every baseline is loaded at once and their runs alternate (A, B, C, A, B, C, ...), so a
-    slow spell of the machine hits them alike; else one baseline is loaded at a time."""
+    slow spell of the machine hits them alike; else one baseline is loaded at a time. `on_row` is called
+    with each row as soon as its baseline's runs are done."""
     if config.runs < 1 or config.new_tokens < 2:
         raise UserError("--runs must be at least 1 and --new-tokens at least 2")
     check_context(checkpoint_config(config.model_dir), max(config.prompt_lengths), config.new_tokens)
@@ -193,6 +194,7 @@ def run_bench(config: BenchConfig, progress: Progress = lambda _: None,
                 for shape in shapes:
                     reference = references.setdefault(shape, results[(spec, shape)][0].sequences)
                     rows.append(reduce_runs(spec, shape[0], results[(spec, shape)], reference, link_speed(config)))
+                    on_row(rows[-1])
         finally:
             for runner in runners.values():
                 runner.close()

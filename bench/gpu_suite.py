@@ -8,22 +8,28 @@ Then the predictors' share of a decode step with their heads on the device, at O
 
     .venv/bin/python bench/gpu_suite.py                 # on a CUDA machine
     .venv/bin/python bench/gpu_suite.py --dry-run       # the same pipeline at toy sizes on CPU (CI checks it)
-    .venv/bin/python bench/gpu_suite.py --shapes olmoe-1b-7b   # one shape per call, where a call's time is capped
+    .venv/bin/python bench/gpu_suite.py --shapes olmoe-1b-7b --no-predictor-cost   # one part per call, where a
+    .venv/bin/python bench/gpu_suite.py --shapes qwen3-30b-a3b --no-predictor-cost # call's time is capped
+    .venv/bin/python bench/gpu_suite.py --shapes "" --predictor-cost
+A shape's result file is written after each baseline's rows (with "partial": true until the last), so a
+call stopped at its time limit keeps what it finished.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import activemoe
-from activemoe.atomic import emit_json
-from activemoe.bench import BenchConfig, cache_config, run_bench
+from activemoe.atomic import emit_json, write_text_atomic
+from activemoe.bench import BenchConfig, BenchRow, cache_config, run_bench
 from activemoe.cli_bench import link_label
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig
 from activemoe.demo import BUNDLED
@@ -41,7 +47,8 @@ SHAPES = {
     "qwen3-30b-a3b": dict(family="qwen3_moe", hidden=2048, expert_width=768, num_experts=128, top_k=8, heads=32,
                           real_layers=48, num_layers=12),
 }
-BASELINES = ("transformers", "accelerate", "reactive", "host", "pregate+slru@2", "oracle+belady@2")
+# accelerate last: it is the slowest by far, and a call cut off at its time limit keeps the rows before it
+BASELINES = ("transformers", "reactive", "oracle+belady@2", "pregate+slru@2", "host", "accelerate")
 WHOLE_MODEL = ("transformers", "accelerate")  # no slots: the same at every cache size, so run at the first only
 SLOTTED = tuple(b for b in BASELINES if b not in WHOLE_MODEL)
 
@@ -65,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--predictor-cost", action=argparse.BooleanOptionalAction, default=True,
+                        help="end with the predictors' cost at OLMoE-1B-7B's shape (default on)")
     args = parser.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        parser.error(f"unknown shape {', '.join(unknown)}; known: {', '.join(SHAPES)}")
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("gpu_suite: no CUDA device; use --dry-run to check the pipeline on CPU", file=sys.stderr)
@@ -77,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     link_gbps = None if args.dry_run else pinned_h2d_gbps(torch.device(device))
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         trace = Path(work) / "bundled.trace"
-        record_trace(trace, 512 if args.dry_run else 4096)
-        for shape_name in args.shapes.split(","):
+        if shapes:
+            record_trace(trace, 512 if args.dry_run else 4096)
+        for shape_name in shapes:
             shape = dict(SHAPES[shape_name])
             family, real_layers = shape.pop("family"), shape.pop("real_layers")
             if args.dry_run:
@@ -92,24 +106,37 @@ def main(argv: list[str] | None = None) -> int:
             config = BenchConfig(model, BASELINES, (8,) if args.dry_run else (16, 512), (1,),
                                  4 if args.dry_run else args.new_tokens, 1 if args.dry_run else args.runs, engine=base,
                                  measured_link_gbps=link_gbps)
-            rows = {}
-            for cache in ("25%", "50%"):
-                bench = replace(config, engine=replace(base, cache=cache_config(cache, CacheConfig())),
-                                baselines=BASELINES if cache == "25%" else SLOTTED)
-                rows[cache] = [asdict(r) for r in run_bench(bench, lambda t, c=cache: print(
-                    f"[gpu_suite] {shape_name} cache {c}: {t}", file=sys.stderr, flush=True))]
-                for r in rows[cache]:
-                    print(f"{shape_name:>14} {cache:>4} {r['baseline']:<18} prompt {r['prompt_tokens']:>4} "
-                          f"{r['decode_tok_s']:8.2f} tok/s  TTFT {r['ttft_s'] * 1e3:8.1f} ms  "
-                          f"hit {r['hit_rate'] if r['hit_rate'] is not None else float('nan'):.3f}  "
-                          f"link {r['link_share'] * 100 if r['link_share'] is not None else float('nan'):.0f}%")
+            rows: dict[str, list[dict]] = {}
             result = {"bench": "gpu_suite", "shape": shape_name, "layers": shape["num_layers"],
                       "real_layers": real_layers, "device": name, "dtype": "bfloat16",
                       "measured": "wall clock", "routing": "replayed from the bundled model's held-out trace "
                       "(mapped onto the shape; approximate)", "link": link_label(config),
                       "note": f"{' and '.join(WHOLE_MODEL)} hold no slots: they run at the 25% cache only",
                       "checkpoint_build_s": built_s, "shape_config": shape, "rows": rows}
-            emit_json(result, None if args.dry_run else out / f"gpu_{shape_name}_{name}.json")
+            path = None if args.dry_run else out / f"gpu_{shape_name}_{name}.json"
+            suite_started = time.perf_counter()
+
+            def progress(text: str, cache: str) -> None:
+                elapsed = time.perf_counter() - suite_started
+                print(f"[gpu_suite {elapsed:6.0f} s] {shape_name} cache {cache}: {text}", file=sys.stderr, flush=True)
+
+            def done(row: BenchRow, cache: str) -> None:
+                r = asdict(row)
+                rows.setdefault(cache, []).append(r)
+                print(f"{shape_name:>14} {cache:>4} {r['baseline']:<18} prompt {r['prompt_tokens']:>4} "
+                      f"{r['decode_tok_s']:8.2f} tok/s  TTFT {r['ttft_s'] * 1e3:8.1f} ms  "
+                      f"hit {r['hit_rate'] if r['hit_rate'] is not None else float('nan'):.3f}  "
+                      f"link {r['link_share'] * 100 if r['link_share'] is not None else float('nan'):.0f}%", flush=True)
+                if path:  # after every row, so that a call cut off at its time limit keeps what it finished
+                    write_text_atomic(path, json.dumps(dict(result, partial=True)) + "\n")
+
+            for cache in ("25%", "50%"):
+                bench = replace(config, engine=replace(base, cache=cache_config(cache, CacheConfig())),
+                                baselines=BASELINES if cache == "25%" else SLOTTED)
+                run_bench(bench, partial(progress, cache=cache), on_row=partial(done, cache=cache))
+            emit_json(result, path)
+    if not args.predictor_cost:
+        return 0
     cost = (["--dry-run", "--runs", "1", "--new-tokens", "4", "--trace-tokens", "256"] if args.dry_run else
             ["--device", device, "--layers", str(predictor_cost.REAL_LAYERS), "--runs", str(args.runs),
              "--out", str(out / f"predictor_cost_{name}.json")])
