@@ -69,10 +69,11 @@ class Runner(Protocol):
 
 def engine_config(spec: str, base: EngineConfig) -> EngineConfig:
     """The EngineConfig of an ActiveMoE spec name (`reactive`, `host`, `learned+slru@2`, ...)."""
+    plain = PrefetchConfig(chunk_bytes=base.prefetch.chunk_bytes)  # no predictor; the copy granularity kept
     if spec == "reactive":
-        return replace(base, prefetch=PrefetchConfig(), cache=replace(base.cache, policy="lru"))
+        return replace(base, prefetch=plain, cache=replace(base.cache, policy="lru"))
     if spec == "host":
-        return replace(base, experts_on="host", prefetch=PrefetchConfig())
+        return replace(base, experts_on="host", prefetch=plain)
     match = _PREDICTIVE.fullmatch(spec)
     if match is None or match["predictor"] not in PREDICTORS or (match["policy"] or "lru") not in POLICIES:
         raise UserError(f"unknown baseline {spec!r}; known: {', '.join(FIXED)}, or PREDICTOR[+POLICY][@LOOKAHEAD] "

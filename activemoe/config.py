@@ -29,13 +29,27 @@ class PrefetchConfig:
     predictor: str = "none"  # key of predictors.PREDICTORS
     lookahead: int = 1  # MoE layers ahead that predictions reach
     issue_window: int = 2  # speculative loads in flight at once; the rest stay queued and cancellable
-    chunk_bytes: int = 1 << 20  # copy granularity: a critical load overtakes, a stale speculative one stops,
-    #                             between chunks, which never span two tensors (smaller chunks cost a thread
-    #                             hand-over each, and one chunk per whole expert delays critical loads: both
-    #                             measured slower with a predictor)
+    chunk_bytes: int | None = None  # copy granularity: a critical load overtakes, a stale speculative one stops,
+    #                                 between chunks, which never span two tensors. None: chunk_bytes_for the link
     budget: int | None = None  # predicted experts prefetched per target layer; None: the model's top-k
     predictor_file: str | None = None  # learned heads; None: activemoe-predictor.safetensors in the model dir
     stream_prefill: bool = True  # while a prompt runs layer N, queue layer N+1's experts (not with predictor "none")
+
+
+MIN_CHUNK_BYTES = 1 << 20
+CHUNK_LINK_S = 0.004  # an automatic chunk holds about this much of the link's time
+
+
+def chunk_bytes_for(configured: int | None, link_gbps: float | None) -> int:
+    """The copy granularity: as configured, else about CHUNK_LINK_S of the link's time and at least 1 MiB
+    (1 MiB where the link's speed is unknown). Each chunk costs the loader thread a hand-over of Python
+    work: on the CPU's emulated 0.25 GB/s link 1 MiB takes 4 ms (smaller chunks and one chunk per whole
+    expert both measured slower with a predictor); on an H100's 54 GB/s link it takes 19 us while issuing
+    it took 0.16 ms (bench/cuda_step_profile.py, cProfile), which held the copies to about 6.6 GB/s, so
+    there a chunk is a whole tensor of the expert."""
+    if configured is not None:
+        return configured
+    return max(MIN_CHUNK_BYTES, int(link_gbps * 1e9 * CHUNK_LINK_S)) if link_gbps else MIN_CHUNK_BYTES
 
 
 @dataclass(frozen=True)

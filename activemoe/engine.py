@@ -23,7 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from activemoe import quant
 from activemoe.cache import ExpertCache
 from activemoe.compressed import CompressedStore, Int4Substitute
-from activemoe.config import EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, PrefetchConfig, SamplingConfig
+from activemoe.config import (EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, PrefetchConfig, SamplingConfig,
+                              chunk_bytes_for)
 from activemoe.errors import UserError
 from activemoe.families import (experts_classes, experts_without_weights, offloaded_modules, router_parts, routers,
                                 unsupported_message)
@@ -490,18 +491,18 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     top_k = top_k_of(hf_config)
     total = len(store.experts())
     num_slots = budget.num_slots if budget else num_slots_for(config.cache, total, store.expert_bytes, top_k)
-    # unpaced on CUDA: --experts-on auto and --late-miss, the only users of a transfer's estimated time, weigh it
-    # at the real link's measured speed (measured only for them: it pins and copies 64 MiB at start-up)
-    weighs = config.experts_on == "auto" or config.late_miss != "none"
-    measured = pinned_h2d_gbps(device) if device.type == "cuda" and not config.link.link_gbps and weighs else None
+    # unpaced on CUDA: the real link's measured speed (it pins and copies 64 MiB at start-up) sizes the copy
+    # chunks, and --experts-on auto and --late-miss weigh a transfer's estimated time at it
+    measured = pinned_h2d_gbps(device) if device.type == "cuda" and not config.link.link_gbps else None
     prefetch, link = config.prefetch, EmulatedLink(config.link.link_gbps, measured)
+    chunk_bytes = chunk_bytes_for(prefetch.chunk_bytes, config.link.link_gbps or measured)
     if config.precision == "native":
         store.preload(on_progress)
-        slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, link, prefetch.chunk_bytes)
+        slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, link, chunk_bytes)
     else:  # approximate: compressed host copies, dequantised into full-precision slots
         store = CompressedStore.open(store, model_dir, config.precision, config.quant_cache_dir, on_progress)
         slab = CompressedSlab(num_slots, store.spec.shapes, dtype, device, store.part_shapes(),
-                              store.layout.decode_into, link, prefetch.chunk_bytes)
+                              store.layout.decode_into, link, chunk_bytes)
     late_miss = None
     if config.late_miss == "int4":
         int4 = CompressedStore.open(store.base if config.precision != "native" else store, model_dir, "int4",
@@ -583,7 +584,7 @@ def _check_choices(config: EngineConfig) -> None:
     p = config.prefetch
     if p.predictor not in PREDICTORS:
         raise UserError(f"unknown predictor {p.predictor!r}; known: {', '.join(PREDICTORS)}")
-    if p.lookahead < 1 or p.issue_window < 1 or p.chunk_bytes < 1:
+    if p.lookahead < 1 or p.issue_window < 1 or (p.chunk_bytes is not None and p.chunk_bytes < 1):
         raise UserError("--lookahead, the issue window and the chunk size must be at least 1")
     if config.routing not in ROUTING:
         raise UserError(f"unknown --routing {config.routing!r}; known: {', '.join(ROUTING)}")

@@ -65,20 +65,17 @@ def _map(experts: torch.Tensor, weights: torch.Tensor, trace_experts: int, num_e
     ids = (start[:, :, None] + torch.arange(copies)) % num_experts  # [N, K_t, r]
     w = (weights / copies)[:, :, None].expand_as(ids)  # [N, K_t, r]
     ids, w = ids.reshape(len(ids), -1), w.reshape(len(ids), -1)  # [N, K_t * r]
-    out_ids = torch.empty((len(ids), top_k), dtype=torch.long)
-    out_w = torch.empty((len(ids), top_k))
-    for n in range(len(ids)):  # distinct ids in rank order, padded with the next free experts
-        seen: list[int] = []
-        for e in ids[n].tolist():
-            if e not in seen:
-                seen.append(e)
+    out_ids, out_w = [], []
+    for row_ids, row_w in zip(ids.tolist(), w.tolist()):  # plain lists: a torch call per row took minutes
+        seen = list(dict.fromkeys(row_ids))  # distinct ids in rank order, padded with the next free experts
         e = seen[-1]
         while len(seen) < top_k:
             e = (e + 1) % num_experts
             if e not in seen:
                 seen.append(e)
-        out_ids[n] = torch.tensor(seen[:top_k])
-        lookup = dict(zip(ids[n].tolist(), w[n].tolist()))
-        out_w[n] = torch.tensor([lookup.get(e, 0.0) for e in seen[:top_k]])
+        lookup = dict(zip(row_ids, row_w))
+        out_ids.append(seen[:top_k])
+        out_w.append([lookup.get(e, 0.0) for e in seen[:top_k]])
+    out_ids, out_w = torch.tensor(out_ids, dtype=torch.long), torch.tensor(out_w)  # [N, K]
     out_w = torch.where(out_w.sum(1, keepdim=True) > 0, out_w, torch.ones_like(out_w))
     return out_ids, out_w / out_w.sum(1, keepdim=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from activemoe.cache import ExpertCache
-from activemoe.config import CacheConfig, PrefetchConfig
+from activemoe.config import CacheConfig, PrefetchConfig, chunk_bytes_for
 from activemoe.costmodel import CostModel
 from activemoe.errors import UserError
 from activemoe.ids import ExpertId
@@ -177,7 +177,7 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
         future = OraclePredictor(routing, 1)
         policy = Belady(future.next_use, lambda: clock[0])
     cache = ExpertCache(slots, policy)
-    chunk_bytes = chunk_bytes or _chunk_plan(cost.expert_bytes, p.chunk_bytes)
+    chunk_bytes = chunk_bytes or _chunk_plan(cost.expert_bytes, chunk_bytes_for(p.chunk_bytes, cost.link_gbps))
     core = LoaderCore(cache, PrefetchScheduler(p.issue_window), len(chunk_bytes))
     if config.cache.first_layer_reserve and isinstance(predictor, HistoryPredictor):  # as the engine (the oracle crosses tokens)
         core.reserve_for(workload.layers[0], first_layer_reserve(slots, p.lookahead, p.budget or workload.top_k))
