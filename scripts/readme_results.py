@@ -171,6 +171,25 @@ def resident() -> str:
             f"{'yes' if r['same_tokens'] else 'NO'}.\n")
 
 
+def cuda_chunks() -> str:
+    """The copy-chunk comparison on a CUDA machine (its own conditions: the result names them)."""
+    r = json.loads((RESULTS / "cuda_chunks_h100.json").read_text())
+    threads = sorted({int(k.rsplit("_", 1)[1]) for row in r["rows"] for k in row if k.startswith("tok_s_threads_")},
+                     reverse=True)
+    lines = [f"Copy chunks on CUDA (`{r['command']}`; **measured** wall clock on one {r['device']}, torch "
+             f"{r['torch']}, at commit {r['commit']}; a random bf16 checkpoint at OLMoE-1B-7B's expert shape with "
+             f"{r['layers']} of its 16 layers, routing replayed from the bundled model's trace, {r['cache']} cache, "
+             f"{r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, one run per cell):\n",
+             "| configuration | chunk | chunks per expert | " + " | ".join(
+                 f"tok/s, {n} thread{'s' if n > 1 else ''} | TTFT ms" for n in threads) + " |",
+             "|---|---|---|" + "---|---|" * len(threads)]
+    for row in r["rows"]:
+        chunk = "1 MiB" if row["chunk_bytes"] == MiB else row["chunk_bytes"]
+        lines.append(f"| {row['config']} | {chunk} | {row['chunks_per_expert']} | " + " | ".join(
+            f"{row[f'tok_s_threads_{n}']:.1f} | {row[f'ttft_s_threads_{n}'] * 1e3:.0f}" for n in threads) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def optional(fn, *args) -> str:
     """A section whose result file may not exist yet."""
     try:
@@ -203,9 +222,9 @@ def section() -> str:
              optional(bench_table, "bench_headline_cpu/bench.json",
                       "activemoe bench --model activemoe/assets/tiny-moe --baselines reactive,learned+lfru@2,learned+lfru@3,"
                       "oracle+belady@3 --prompt-lengths 128,256,512 --out bench/results/bench_headline_cpu"),
-             optional(compare), optional(resident)]
+             optional(compare), optional(resident), optional(cuda_chunks)]
     intro = (f"All figures below are **measured** on {machines()}, one torch thread (wall clock; load memory as peak "
-             "RSS); emulated-link runs name the link speed. This section is generated from `bench/results/*.json` by "
+             "RSS), except the last table, which names its GPU machine; emulated-link runs name the link speed. This section is generated from `bench/results/*.json` by "
              "`scripts/readme_results.py`.\n")
     return "\n".join([BEGIN, intro] + [p for p in parts if p]) + END
 
