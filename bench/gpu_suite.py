@@ -11,6 +11,7 @@ Then the predictors' share of a decode step with their heads on the device, at O
     .venv/bin/python bench/gpu_suite.py --shapes olmoe-1b-7b --no-predictor-cost   # one part per call, where a
     .venv/bin/python bench/gpu_suite.py --shapes qwen3-30b-a3b --no-predictor-cost # call's time is capped
     .venv/bin/python bench/gpu_suite.py --shapes "" --predictor-cost
+    .venv/bin/python bench/gpu_suite.py --shapes olmoe-1b-7b --baselines transformers,accelerate --no-predictor-cost
 A shape's result file is written after each baseline's rows (with "partial": true until the last), so a
 call stopped at its time limit keeps what it finished.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results", help="results directory (default bench/results)")
     parser.add_argument("--work", help="where checkpoints are built (default: a temporary directory)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help=f"a subset, in this order (default all: {','.join(BASELINES)})")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--predictor-cost", action=argparse.BooleanOptionalAction, default=True,
@@ -79,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         parser.error(f"unknown shape {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+    baselines = tuple(b for b in BASELINES if b in args.baselines.split(","))
+    if not baselines or set(args.baselines.split(",")) - set(BASELINES):
+        parser.error(f"--baselines: choose from {', '.join(BASELINES)}")
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("gpu_suite: no CUDA device; use --dry-run to check the pipeline on CPU", file=sys.stderr)
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                                           max_positions=2048, init_range=0.02, max_shard_size="2GB", **shape)
             built_s = time.perf_counter() - started
             base = EngineConfig(device=device, dtype="bfloat16", replay_routing=str(trace), link=LinkConfig())
-            config = BenchConfig(model, BASELINES, (8,) if args.dry_run else (16, 512), (1,),
+            config = BenchConfig(model, baselines, (8,) if args.dry_run else (16, 512), (1,),
                                  4 if args.dry_run else args.new_tokens, 1 if args.dry_run else args.runs, engine=base,
                                  measured_link_gbps=link_gbps)
             rows: dict[str, list[dict]] = {}
@@ -112,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                       "measured": "wall clock", "routing": "replayed from the bundled model's held-out trace "
                       "(mapped onto the shape; approximate)", "link": link_label(config),
                       "note": f"{' and '.join(WHOLE_MODEL)} hold no slots: they run at the 25% cache only",
-                      "checkpoint_build_s": built_s, "shape_config": shape, "rows": rows}
-            path = None if args.dry_run else out / f"gpu_{shape_name}_{name}.json"
+                      "checkpoint_build_s": built_s, "shape_config": shape, "baselines": list(baselines),
+                      "same_tokens_against": baselines[0], "rows": rows}
+            part = "" if baselines == BASELINES else "_" + "-".join(re.sub(r"[+@]", "_", b) for b in baselines)
+            path = None if args.dry_run else out / f"gpu_{shape_name}_{name}{part}.json"  # a subset has its own file
             suite_started = time.perf_counter()
 
             def progress(text: str, cache: str) -> None:
@@ -132,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
 
             for cache in ("25%", "50%"):
                 bench = replace(config, engine=replace(base, cache=cache_config(cache, CacheConfig())),
-                                baselines=BASELINES if cache == "25%" else SLOTTED)
+                                baselines=baselines if cache == "25%" else tuple(b for b in baselines if b in SLOTTED))
+                if not bench.baselines:
+                    continue
                 run_bench(bench, partial(progress, cache=cache), on_row=partial(done, cache=cache))
             emit_json(result, path)
     if not args.predictor_cost:

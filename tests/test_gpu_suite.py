@@ -40,3 +40,16 @@ def test_dry_run_covers_every_baseline_and_cache_then_the_predictor_cost(tmp_pat
 def test_refuses_without_cuda(capsys):
     assert _suite().main([]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_a_subset_of_baselines_runs_alone_and_bad_names_are_refused(tmp_path, capsys):
+    suite = _suite()
+    assert suite.main(["--dry-run", "--shapes", "olmoe-1b-7b", "--baselines", "reactive,transformers",
+                       "--no-predictor-cost", "--work", str(tmp_path)]) == 0
+    result = next(json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{"))
+    assert result["baselines"] == ["transformers", "reactive"]  # in the suite's order: the first is the reference
+    assert [r["baseline"] for r in result["rows"]["25%"]] == ["transformers", "reactive"]
+    assert [r["baseline"] for r in result["rows"]["50%"]] == ["reactive"]
+    with pytest.raises(SystemExit):
+        suite.main(["--dry-run", "--baselines", "reactive,bogus"])
+    assert "--baselines: choose from" in capsys.readouterr().err
