@@ -6,6 +6,8 @@ rounding could flip. Saved with `save_pretrained`, so loading goes through the r
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -48,11 +50,13 @@ def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: i
 
 
 def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, router_scale: float = 20.0,
-                          max_shard_size: str | None = None, dtype: torch.dtype = torch.float32, **shape) -> Path:
-    """Random weights, decisive routers, saved to `out_dir`; returns the directory."""
+                          max_shard_size: str | None = None, dtype: torch.dtype = torch.float32, fast_init: bool = False,
+                          **shape) -> Path:
+    """Random weights, decisive routers, saved to `out_dir`; returns the directory. `fast_init` draws the
+    weights in parallel instead of through transformers' initialisation (for checkpoints at real shapes)."""
     cfg = tiny_config(family, **shape)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = _drawn_in_parallel(cfg, dtype, seed) if fast_init else AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     num_experts = next(getattr(cfg, n) for n in _EXPERT_FIELDS if hasattr(cfg, n))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -69,6 +73,31 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, route
         if bars:
             transformers.logging.enable_progress_bar()
     return out_dir
+
+
+def _drawn_in_parallel(cfg, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """The model with every matrix drawn from N(0, initializer_range) and every vector (the norms) set to 1,
+    one thread and one generator (seeded from `seed` and the parameter's index) per parameter. transformers'
+    initialisation draws them one after another: for two OLMoE-shape layers 8.8 s against 3.3 s here on
+    2 cores, and a 16-layer build (initialisation and saving) took 259 s on the H100 machine's 16."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.to_empty(device="cpu")
+    saved = set(model.state_dict())
+    params = dict(model.named_parameters())
+    if saved - set(params):  # a buffer that would be saved uninitialised
+        raise ValueError(f"fast_init cannot draw buffers {sorted(saved - set(params))[:3]}")
+
+    def draw(index: int, p: torch.nn.Parameter) -> None:
+        with torch.no_grad():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, cfg.initializer_range, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(draw, range(len(params)), params.values()))
+    return model
 
 
 def mxfp4_experts(model_dir: str | Path, seed: int = 0) -> Path:

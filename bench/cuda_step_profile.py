@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             shape.update(hidden=64, expert_width=32, num_layers=2, heads=4)
         family, _ = shape.pop("family"), shape.pop("real_layers")
         model = build_tiny_checkpoint(family, Path(work) / "model", dtype=torch.bfloat16, vocab=4096,
-                                      max_positions=2048, init_range=0.02, max_shard_size="2GB", **shape)
+                                      max_positions=2048, init_range=0.02, max_shard_size="2GB", fast_init=True,
+                                      **shape)
         base = EngineConfig(device=device.type, dtype="bfloat16", replay_routing=str(trace), link=LinkConfig(),
                             cache=cache_config("25%", CacheConfig()))
         prompt = [[(7 * i) % 4000 + 5 for i in range(args.prompt_tokens)]]
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(f"{spec:<18} chunk {str(row['chunk_bytes']):>8} ({row['chunks_per_expert']}/expert)  "
                       f"pinned {row['host_pinned']}  copy {row['expert_copy_gbps']:5.1f} GB/s  " + "  ".join(
-                          f"{n} thr: {row[f'tok_s_threads_{n}']:6.2f} tok/s TTFT {row[f'ttft_s_threads_{n}'] * 1e3:6.0f} ms"
-                          for n in threads), flush=True)
+                          f"{n} thr: {row[f'tok_s_threads_{n}']:6.2f} tok/s "
+                          f"TTFT {row[f'ttft_s_threads_{n}'] * 1e3:6.0f} ms" for n in threads), flush=True)
     emit_json({"bench": "cuda_step_profile", "measured": "wall clock", "dry_run": args.dry_run,
                "device": "cpu" if args.dry_run else torch.cuda.get_device_name(),
                "shape": "olmoe-1b-7b", "layers": shape["num_layers"], "prompt_tokens": args.prompt_tokens,

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on CPU: checks the pipeline, no results")
     parser.add_argument("--out", default="bench/results", help="results directory (default bench/results)")
-    parser.add_argument("--work", help="where checkpoints are built (default: a temporary directory)")
+    parser.add_argument("--work", help="where checkpoints are built (default: a temporary directory; /dev/shm "
+                        "keeps a slow disk out of the build and the loads, where RAM allows)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help=f"a subset, in this order (default all: {','.join(BASELINES)})")
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[gpu_suite] building {shape_name}: {shape}", file=sys.stderr, flush=True)
             started = time.perf_counter()
             model = build_tiny_checkpoint(family, Path(work) / shape_name, dtype=torch.bfloat16, vocab=4096,
-                                          max_positions=2048, init_range=0.02, max_shard_size="2GB", **shape)
+                                          max_positions=2048, init_range=0.02, max_shard_size="2GB", fast_init=True,
+                                          **shape)
             built_s = time.perf_counter() - started
             base = EngineConfig(device=device, dtype="bfloat16", replay_routing=str(trace), link=LinkConfig())
             config = BenchConfig(model, baselines, (8,) if args.dry_run else (16, 512), (1,),

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[predictor_cost] building a random bf16 checkpoint: {shape}", file=sys.stderr, flush=True)
         layers_built = shape["num_layers"]
         model = build_tiny_checkpoint(shape.pop("family"), Path(work) / "model", dtype=torch.bfloat16, vocab=VOCAB,
-                                      max_positions=2048, init_range=0.02, max_shard_size="2GB", **shape)
+                                      max_positions=2048, init_range=0.02, max_shard_size="2GB", fast_init=True,
+                                      **shape)
         ids = prompts_for(BUNDLED, partial(encode_text, load_tokenizer(BUNDLED)), VOCAB, args.trace_tokens, 1)[0]
         with activemoe.load(model, EngineConfig(device=args.device, cache=CacheConfig(slot_fraction=1.0))) as eng:
             started = time.perf_counter()

@@ -53,3 +53,20 @@ def test_a_subset_of_baselines_runs_alone_and_bad_names_are_refused(tmp_path, ca
     with pytest.raises(SystemExit):
         suite.main(["--dry-run", "--baselines", "reactive,bogus"])
     assert "--baselines: choose from" in capsys.readouterr().err
+
+
+def test_fast_init_draws_the_same_checkpoint_from_a_seed_with_norms_at_one(tmp_path):
+    """The real-shape benches draw their weights in parallel (transformers' own initialisation took most of a
+    16-layer build): still one checkpoint per seed (the dry run above loads one through every baseline)."""
+    from safetensors.torch import load_file
+
+    from activemoe.tiny import build_tiny_checkpoint
+
+    shape = dict(hidden=32, expert_width=16, num_experts=8, top_k=2, num_layers=2)
+    a, b, c = (load_file(build_tiny_checkpoint("olmoe", tmp_path / name, seed=seed, fast_init=True, **shape)
+                         / "model.safetensors") for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].ndim > 1)
+    norms = [k for k in a if a[k].ndim == 1]
+    assert norms and all(torch.equal(a[k], torch.ones_like(a[k])) for k in norms)
+    assert all(a[k].std() > 0 for k in a if a[k].ndim > 1)  # drawn, not left empty
