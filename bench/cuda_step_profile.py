@@ -33,11 +33,10 @@ from activemoe.tiny import build_tiny_checkpoint  # noqa: E402
 CONFIGS = ("reactive", "oracle+belady@2", "pregate+slru@2")
 
 
-def copy_gbps(runtime, device: torch.device, repeats: int = 20) -> float:
-    """One expert's tensors from the host tier into fresh device memory, `repeats` times, timed with a sync."""
-    host = runtime.store.host
-    layer_row = 0
-    srcs = [t[layer_row, 0] for t in host.values()]
+def expert_copy_gbps(runtime, device: torch.device, repeats: int = 20) -> float:
+    """One expert's tensors from the host tier into fresh device memory, all of them `repeats` times, timed
+    with a sync (hardware.copy_gbps times one tensor)."""
+    srcs = [t[0, 0] for t in runtime.store.host.values()]  # the first MoE layer's expert 0
     dsts = [torch.empty_like(s, device=device) for s in srcs]
     for d, s in zip(dsts, srcs):
         d.copy_(s, non_blocking=True)
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"config": spec, "chunk_bytes": chunk or "auto",
                            "chunks_per_expert": len(runtime.loader.slab.chunks),
                            "host_pinned": all(t.is_pinned() for t in runtime.store.host.values()),
-                           "expert_copy_gbps": copy_gbps(runtime, device)}
+                           "expert_copy_gbps": expert_copy_gbps(runtime, device)}
                     runner.run(prompt, 8)  # warm-up
                     for n in threads:
                         torch.set_num_threads(n)

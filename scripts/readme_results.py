@@ -224,8 +224,8 @@ def section() -> str:
                       "oracle+belady@3 --prompt-lengths 128,256,512 --out bench/results/bench_headline_cpu"),
              optional(compare), optional(resident), optional(cuda_chunks)]
     intro = (f"All figures below are **measured** on {machines()}, one torch thread (wall clock; load memory as peak "
-             "RSS), except the last table, which names its GPU machine; emulated-link runs name the link speed. This section is generated from `bench/results/*.json` by "
-             "`scripts/readme_results.py`.\n")
+             "RSS), except the last table, which names its GPU machine; emulated-link runs name the link speed. "
+             "This section is generated from `bench/results/*.json` by `scripts/readme_results.py`.\n")
     return "\n".join([BEGIN, intro] + [p for p in parts if p]) + END
 
 
