@@ -13,7 +13,7 @@ from pathlib import Path
 from activemoe.atomic import emit_json, write_atomic
 from activemoe.bench import (BenchConfig, BenchRow, cache_config, compare_grid, default_baselines, link_speed,
                              run_bench)
-from activemoe.cli_tools import add_dtype_flag
+from activemoe.cli_tools import add_dtype_flag, add_grouped_hits_flag
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig
 from activemoe.errors import UserError
 
@@ -36,6 +36,7 @@ def _common(p) -> None:
     p.add_argument("--replay-routing", metavar="TRACE",
                    help="force every baseline's routing from a recorded trace mapped onto this model's shape "
                         "(benchmarks of random checkpoints at real shapes; labelled replay)")
+    add_grouped_hits_flag(p)
     p.add_argument("--out", help="directory for the JSON result and PNG plots")
 
 
@@ -89,7 +90,7 @@ def _config(args, baselines: tuple[str, ...], prompt_lengths, batch_sizes, cache
     if args.replay_routing and not Path(args.replay_routing).is_file():
         raise UserError(f"trace file {args.replay_routing} does not exist")
     engine = EngineConfig(device=args.device, dtype=args.dtype, link=LinkConfig(link_gbps=link),
-                          replay_routing=args.replay_routing,
+                          replay_routing=args.replay_routing, grouped_hits=args.grouped_hits,
                           cache=cache_config(cache, CacheConfig()), prefetch=PrefetchConfig(lookahead=args.lookahead))
     measured = None
     if args.device.startswith("cuda"):  # the TTFT floor and link share are taken against the real link's speed

@@ -38,6 +38,15 @@ def add_dtype_flag(p) -> None:
                         "float32 when its config names none)")
 
 
+def add_grouped_hits_flag(p) -> None:
+    """--grouped-hits, shared by generate and bench."""
+    p.add_argument("--grouped-hits", action="store_true",
+                   help="decode: run the experts already in slots at a layer's start as one grouped matmul per "
+                        "projection, a few kernel launches per layer instead of a few per expert (for CUDA, where "
+                        "launching kernels bounds a decode step; on the CPU it measured no faster). Exact: "
+                        "the same products, summed in the same order")
+
+
 def add_memory_flags(p, default: str) -> None:
     """Where the model computes and how much of it the device holds, shared by every command that runs a
     model: --device, one of --cache-experts / --expert-memory / --gpu-memory (`default` when none), --context

@@ -524,7 +524,8 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     runtime = ExpertRuntime(store, loader, predictor,
                             budget=per_target,
                             experts_on=config.experts_on, miss_cost=miss_cost, late_miss=late_miss,
-                            stream_prefill=prefetch.stream_prefill and prefetch.predictor != "none")
+                            stream_prefill=prefetch.stream_prefill and prefetch.predictor != "none",
+                            grouped_hits=config.grouped_hits)
     for layer, module in experts.items():
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
     model.get_input_embeddings().register_forward_hook(lambda _module, _args, out: runtime.tokens(out))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _grouped_linear, grouped_mm_experts_forward
 
 from activemoe.ids import ExpertId
 from activemoe.loader import Loader
@@ -116,11 +116,41 @@ def grouped_forward(module, weights: dict[str, torch.Tensor], num: int, hidden: 
     return out.to(hidden.device)
 
 
+def grouped_slots(module: torch.nn.Module, buffers: dict[str, torch.Tensor], slots: list[int],
+                  x: torch.Tensor) -> torch.Tensor:
+    """One token `x` [1, H] through the experts in `slots` (ascending) of a slab (`buffers`: [S, ...] per
+    tensor), one grouped matmul per projection in the experts module's own conventions, as transformers'
+    grouped_mm experts run: a few kernels for the layer instead of a few per expert. Returns [r, H], one
+    row per slot. Per expert the same products as expert_forward (equal in float32 on the CPU)."""
+    num_slots, r = next(iter(buffers.values())).shape[0], len(slots)
+    first = [0] * num_slots  # group g's rows end at offs[g]: one row for each chosen slot at or before g
+    for s in slots:
+        first[s] = 1
+    offs = torch.tensor(slots + list(_running_sum(first)), dtype=torch.int32).to(x.device)  # one copy: [r + S]
+    index, offs = offs[:r].long(), offs[r:]
+    rows = x.expand(r, x.shape[-1]).contiguous()  # [r, H]
+    up_name = "gate_up_proj" if module.has_gate else "up_proj"
+    bias = (lambda name: buffers[name + "_bias"][index]) if module.has_bias else (lambda name: None)  # noqa: E731
+    h = _grouped_linear(rows, buffers[up_name], offs, bias(up_name), module.is_transposed)  # [r, 2I] or [r, I]
+    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)  # [r, I]
+    y = _grouped_linear(h, buffers["down_proj"], offs, bias("down_proj"), module.is_transposed)  # [r, H]
+    return module.post_expert_norm(y) if module.has_post_expert_norm else y
+
+
+def _running_sum(values: list[int]) -> list[int]:
+    total, out = 0, []
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
 class ExpertRuntime:
     def __init__(self, store: ExpertStore, loader: Loader, predictor: Predictor | None, budget: int,
                  experts_on: str = "device", miss_cost: MissCostModel | None = None, late_miss=None,
-                 stream_prefill: bool = True):
+                 stream_prefill: bool = True, grouped_hits: bool = False):
         self.store, self.loader = store, loader
+        self.grouped_hits = grouped_hits  # decode: the experts READY at a layer's start in one grouped call
         self.late_miss = late_miss  # a compressed.Int4Substitute, or None
         self.stream_prefill = stream_prefill  # while the prompt runs, load all of the next MoE layer's experts
         self.predictor = predictor or NoPredictor()
@@ -204,7 +234,10 @@ class ExpertRuntime:
         try:
             if self.late_miss is not None and pending:  # decide before the copies start, so dropped ones cost nothing
                 self._serve_late(run, pending, counts)
-            while ready:  # a loop of small per-expert calls beats one grouped call over a large slab
+            if self.grouped_hits and hidden.shape[0] == 1 and len(ready) > 1:
+                grouped, ready = ready, []  # _run_grouped releases them
+                self._run_grouped(module, grouped, hidden, flat, top_k_weights, parts)
+            while ready:  # one expert at a time: on the CPU no slower than one grouped call (grouped_hits)
                 eid, slot = ready.pop()
                 self._run_slot(run, eid, slot)
             while pending:
@@ -293,6 +326,24 @@ class ExpertRuntime:
             run(eid, self.loader.slab.acquire(slot))
         finally:
             self.loader.release(slot)
+
+    def _run_grouped(self, module, ready: list[tuple[ExpertId, int]], hidden, flat: list[int], top_k_weights,
+                     parts: list) -> None:
+        """Decode: the READY experts in one grouped call over the slab; each row weighted into its k's part."""
+        slab = self.loader.slab
+        ready = sorted(ready, key=lambda pair: pair[1])  # rows grouped by slot, in slot order
+        try:
+            for _, slot in ready:
+                slab.acquire(slot)
+            y = grouped_slots(module, slab.buffers, [slot for _, slot in ready], hidden.to(slab.device))  # [r, H]
+            ks = [flat.index(eid.expert) for eid, _ in ready]
+            y = y if y.device == top_k_weights.device else y.to(top_k_weights.device)
+            weighted = y * top_k_weights[0, ks, None]  # [r, H], as each expert's [1, H] times its [1, 1] weight
+            for row, k in enumerate(ks):
+                parts[k] = weighted[row:row + 1]
+        finally:
+            for _, slot in ready:
+                self.loader.release(slot)
 
     @staticmethod
     def _accumulate_one(module, w, hidden, k: int, top_k_weights, parts) -> None:

@@ -6,6 +6,7 @@ Measured wall clock; a diagnosis tool, not a headline. One table, one JSON line;
 
     python3 bench/cuda_step_profile.py --out DIR [--layers 4] [--new-tokens 32]
     python3 bench/cuda_step_profile.py --out DIR --configs reactive --chunk-bytes 1048576,auto --no-profile
+    python3 bench/cuda_step_profile.py --out DIR --grouped-hits off,on --no-profile   # per-expert vs grouped hits
 """
 from __future__ import annotations
 
@@ -54,6 +55,13 @@ def _parse_chunks(text: str) -> list[int | None]:
     return [None if c == "auto" else int(c) for c in text.split(",")]
 
 
+def _parse_switch(text: str) -> list[bool]:
+    values = {"off": False, "on": True}
+    if not text or set(text.split(",")) - set(values):
+        raise argparse.ArgumentTypeError(f"expected off, on or off,on; got {text!r}")
+    return [values[v] for v in text.split(",")]
+
+
 def _profile(runner, prompt: list[list[int]], new_tokens: int, out: Path, tag: str) -> None:
     """cProfile (every thread's Python, by own time) and torch.profiler (CPU ops and CUDA kernels) of one decode."""
     profile = cProfile.Profile()
@@ -76,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--configs", default=",".join(CONFIGS), help="ActiveMoE baselines, as in activemoe bench")
     parser.add_argument("--chunk-bytes", default="auto", help="copy chunk sizes to compare (auto: by the link)")
+    parser.add_argument("--grouped-hits", default="off", type=_parse_switch,
+                        help="the experts READY at a decode layer's start one at a time (off), in one grouped call "
+                             "(on), or both to compare (off,on); default off")
     parser.add_argument("--one-thread", action=argparse.BooleanOptionalAction, default=True,
                         help="also decode with one torch thread (default on)")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
@@ -106,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                             cache=cache_config("25%", CacheConfig()))
         prompt = [[(7 * i) % 4000 + 5 for i in range(args.prompt_tokens)]]
         for spec in args.configs.split(","):
-            for chunk in _parse_chunks(args.chunk_bytes):
-                runner = make_runner(spec, model, replace(base, prefetch=replace(base.prefetch, chunk_bytes=chunk)))
+            for chunk, grouped in [(c, g) for c in _parse_chunks(args.chunk_bytes) for g in args.grouped_hits]:
+                runner = make_runner(spec, model, replace(base, prefetch=replace(base.prefetch, chunk_bytes=chunk),
+                                                          grouped_hits=grouped))
                 try:
                     runtime = runner.engine.runtime
-                    row = {"config": spec, "chunk_bytes": chunk or "auto",
+                    row = {"config": spec, "chunk_bytes": chunk or "auto", "grouped_hits": grouped,
                            "chunks_per_expert": len(runtime.loader.slab.chunks),
                            "host_pinned": all(t.is_pinned() for t in runtime.store.host.values()),
                            "expert_copy_gbps": expert_copy_gbps(runtime, device)}
@@ -121,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
                         row[f"tok_s_threads_{n}"], row[f"ttft_s_threads_{n}"] = result.decode_tok_s, result.ttft_s
                     torch.set_num_threads(default_threads)
                     if args.profile:
-                        _profile(runner, prompt, args.new_tokens, out,
-                                 f"{spec}_{row['chunk_bytes']}".replace("+", "_").replace("@", "_"))
+                        _profile(runner, prompt, args.new_tokens, out, f"{spec}_{row['chunk_bytes']}"
+                                 f"{'_grouped' if grouped else ''}".replace("+", "_").replace("@", "_"))
                 finally:
                     runner.close()
                 rows.append(row)
                 print(f"{spec:<18} chunk {str(row['chunk_bytes']):>8} ({row['chunks_per_expert']}/expert)  "
+                      f"hits {'grouped' if grouped else 'one by one'}  "
                       f"pinned {row['host_pinned']}  copy {row['expert_copy_gbps']:5.1f} GB/s  " + "  ".join(
                           f"{n} thr: {row[f'tok_s_threads_{n}']:6.2f} tok/s "
                           f"TTFT {row[f'ttft_s_threads_{n}'] * 1e3:6.0f} ms" for n in threads), flush=True)

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help=f"a subset, in this order (default all: {','.join(BASELINES)})")
+    parser.add_argument("--grouped-hits", action="store_true",
+                        help="ActiveMoE runs the experts READY at a decode layer's start in one grouped call "
+                             "(results in their own file, suffixed _grouped)")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--predictor-cost", action=argparse.BooleanOptionalAction, default=True,
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                                           max_positions=2048, init_range=0.02, max_shard_size="2GB", fast_init=True,
                                           **shape)
             built_s = time.perf_counter() - started
-            base = EngineConfig(device=device, dtype="bfloat16", replay_routing=str(trace), link=LinkConfig())
+            base = EngineConfig(device=device, dtype="bfloat16", replay_routing=str(trace), link=LinkConfig(),
+                                grouped_hits=args.grouped_hits)
             config = BenchConfig(model, baselines, (8,) if args.dry_run else (16, 512), (1,),
                                  4 if args.dry_run else args.new_tokens, 1 if args.dry_run else args.runs, engine=base,
                                  measured_link_gbps=link_gbps)
@@ -122,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                       "(mapped onto the shape; approximate)", "link": link_label(config),
                       "note": f"{' and '.join(WHOLE_MODEL)} hold no slots: they run at the 25% cache only",
                       "checkpoint_build_s": built_s, "shape_config": shape, "baselines": list(baselines),
-                      "same_tokens_against": baselines[0], "rows": rows}
+                      "same_tokens_against": baselines[0], "grouped_hits": args.grouped_hits, "rows": rows}
             part = "" if baselines == BASELINES else "_" + "-".join(re.sub(r"[+@]", "_", b) for b in baselines)
+            part += "_grouped" if args.grouped_hits else ""
             path = None if args.dry_run else out / f"gpu_{shape_name}_{name}{part}.json"  # a subset has its own file
             suite_started = time.perf_counter()
 

@@ -1,4 +1,4 @@
-"""bench/gpu_suite.py runs end to end at toy sizes on CPU (the real run needs CUDA)."""
+"""bench/gpu_suite.py and bench/cuda_step_profile.py run end to end at toy sizes on CPU (the real runs need CUDA)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -6,14 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 
-SUITE = Path(__file__).parent.parent / "bench" / "gpu_suite.py"
+BENCH = Path(__file__).parent.parent / "bench"
 
 
-def _suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _suite():
+    return _script("gpu_suite")
 
 
 def test_dry_run_covers_every_baseline_and_cache_then_the_predictor_cost(tmp_path, capsys):
@@ -45,9 +49,11 @@ def test_refuses_without_cuda(capsys):
 def test_a_subset_of_baselines_runs_alone_and_bad_names_are_refused(tmp_path, capsys):
     suite = _suite()
     assert suite.main(["--dry-run", "--shapes", "olmoe-1b-7b", "--baselines", "reactive,transformers",
-                       "--no-predictor-cost", "--work", str(tmp_path)]) == 0
+                       "--no-predictor-cost", "--work", str(tmp_path), "--grouped-hits"]) == 0
     result = next(json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{"))
     assert result["baselines"] == ["transformers", "reactive"]  # in the suite's order: the first is the reference
+    assert result["grouped_hits"] is True
+    assert all(r["same_tokens"] for rows in result["rows"].values() for r in rows)
     assert [r["baseline"] for r in result["rows"]["25%"]] == ["transformers", "reactive"]
     assert [r["baseline"] for r in result["rows"]["50%"]] == ["reactive"]
     with pytest.raises(SystemExit):
@@ -70,3 +76,15 @@ def test_fast_init_draws_the_same_checkpoint_from_a_seed_with_norms_at_one(tmp_p
     norms = [k for k in a if a[k].ndim == 1]
     assert norms and all(torch.equal(a[k], torch.ones_like(a[k])) for k in norms)
     assert all(a[k].std() > 0 for k in a if a[k].ndim > 1)  # drawn, not left empty
+
+
+def test_cuda_step_profile_compares_grouped_hits_on_a_dry_run(tmp_path, capsys):
+    """Each configuration once with its READY experts one at a time and once grouped: rows say which."""
+    profile = _script("cuda_step_profile")
+    assert profile.main(["--dry-run", "--configs", "reactive", "--grouped-hits", "off,on", "--no-profile",
+                         "--no-one-thread", "--new-tokens", "4", "--out", str(tmp_path)]) == 0
+    result = next(json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{"))
+    assert [(r["config"], r["grouped_hits"]) for r in result["rows"]] == [("reactive", False), ("reactive", True)]
+    assert all(r[f"tok_s_threads_{torch.get_num_threads()}"] > 0 for r in result["rows"])
+    with pytest.raises(SystemExit):
+        profile.main(["--dry-run", "--grouped-hits", "maybe", "--out", str(tmp_path)])
