@@ -1,13 +1,15 @@
 """runtime.py: ExpertRuntime serves transformers' experts modules through ExpertsInterface.
 
 Per MoE layer: record the routing, ask the predictor about the next layers, hand the routed and
-predicted experts to the loader, run the experts that are READY first, then each miss as it lands,
+predicted experts to the loader, run the experts that are READY first (in one grouped call per projection
+with grouped_hits), then each miss as it lands,
 or on the host when the miss cost model says that is sooner, or (approximate, opt-in) from its int4
 copy when the full copy would be late. It knows nothing about model loading.
 Legend: T tokens, K routed per token, H hidden, I expert width.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -123,10 +125,11 @@ def grouped_slots(module: torch.nn.Module, buffers: dict[str, torch.Tensor], slo
     grouped_mm experts run: a few kernels for the layer instead of a few per expert. Returns [r, H], one
     row per slot. Per expert the same products as expert_forward (equal in float32 on the CPU)."""
     num_slots, r = next(iter(buffers.values())).shape[0], len(slots)
-    first = [0] * num_slots  # group g's rows end at offs[g]: one row for each chosen slot at or before g
+    chosen = [0] * num_slots
     for s in slots:
-        first[s] = 1
-    offs = torch.tensor(slots + list(_running_sum(first)), dtype=torch.int32).to(x.device)  # one copy: [r + S]
+        chosen[s] = 1
+    # group g's rows end at offs[g] (one row per chosen slot at or before g); one host-to-device copy [r + S]
+    offs = torch.tensor(slots + list(itertools.accumulate(chosen)), dtype=torch.int32).to(x.device)
     index, offs = offs[:r].long(), offs[r:]
     rows = x.expand(r, x.shape[-1]).contiguous()  # [r, H]
     up_name = "gate_up_proj" if module.has_gate else "up_proj"
@@ -135,14 +138,6 @@ def grouped_slots(module: torch.nn.Module, buffers: dict[str, torch.Tensor], slo
     h = module._apply_gate(h) if module.has_gate else module.act_fn(h)  # [r, I]
     y = _grouped_linear(h, buffers["down_proj"], offs, bias("down_proj"), module.is_transposed)  # [r, H]
     return module.post_expert_norm(y) if module.has_post_expert_norm else y
-
-
-def _running_sum(values: list[int]) -> list[int]:
-    total, out = 0, []
-    for v in values:
-        total += v
-        out.append(total)
-    return out
 
 
 class ExpertRuntime:
