@@ -190,6 +190,40 @@ def cuda_chunks() -> str:
     return "\n".join(lines) + "\n"
 
 
+def gpu_suites() -> str:
+    """Every finished (or cut-off) run of bench/gpu_suite.py under bench/results, one table per file; a
+    superseded run (its file says why) is left out. Each names its machine and conditions."""
+    parts = []
+    for path in sorted(RESULTS.glob("gpu_*.json")):
+        r = json.loads(path.read_text())
+        if r.get("superseded") or r.get("bench") != "gpu_suite":
+            continue
+        partial = " **Partial**: the run stopped before its last baseline." if r.get("partial") else ""
+        grouped = ", `--grouped-hits`" if r.get("grouped_hits") else ""
+        lines = [f"GPU suite, {r['shape']} shape (`bench/results/{path.name}`; **measured** wall clock on one "
+                 f"{r['device']}{', torch ' + r['torch'] if r.get('torch') else ''}; a random {r['dtype']} checkpoint "
+                 f"at the shape with {r['layers']} of its {r['real_layers']} layers; routing {r['routing']}; link "
+                 f"{r['link']}{grouped}; the first baseline, {r['same_tokens_against']}, is the token reference; "
+                 f"{r['note']}).{partial}\n",
+                 "| cache | baseline | prompt | decode tok/s | min-max | vs reactive | TTFT ms (floor) | decode hit "
+                 "| link % | peak device GiB | same tokens |", "|---" * 11 + "|"]
+        for cache, rows in r["rows"].items():
+            reactive = {row["prompt_tokens"]: row["decode_tok_s"] for row in rows if row["baseline"] == "reactive"}
+            for row in rows:
+                base = reactive.get(row["prompt_tokens"])
+                floor = f" ({row['ttft_floor_s'] * 1e3:.0f})" if row["ttft_floor_s"] else ""
+                ratio = f"{row['decode_tok_s'] / base:.2f}×" if base else "-"
+                lines.append(
+                    f"| {cache} | {row['baseline']} | {row['prompt_tokens']} | {row['decode_tok_s']:.1f} | "
+                    f"{row['decode_tok_s_min']:.1f}-{row['decode_tok_s_max']:.1f} | {ratio} | "
+                    f"{row['ttft_s'] * 1e3:.0f}{floor} | "
+                    f"{_cell(row['hit_rate'], '.3f')} | {_cell(row['link_share'], '.0f', 100)} | "
+                    f"{_cell(row['peak_device_bytes'], '.2f', 1 / 2**30)} | "
+                    f"{'-' if row['same_tokens'] is None else 'yes' if row['same_tokens'] else 'NO'} |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
 def optional(fn, *args) -> str:
     """A section whose result file may not exist yet."""
     try:
@@ -222,9 +256,9 @@ def section() -> str:
              optional(bench_table, "bench_headline_cpu/bench.json",
                       "activemoe bench --model activemoe/assets/tiny-moe --baselines reactive,learned+lfru@2,learned+lfru@3,"
                       "oracle+belady@3 --prompt-lengths 128,256,512 --out bench/results/bench_headline_cpu"),
-             optional(compare), optional(resident), optional(cuda_chunks)]
+             optional(compare), optional(resident), optional(cuda_chunks), gpu_suites()]
     intro = (f"All figures below are **measured** on {machines()}, one torch thread (wall clock; load memory as peak "
-             "RSS), except the last table, which names its GPU machine; emulated-link runs name the link speed. "
+             "RSS), except the tables at the end, which name their GPU machine; emulated-link runs name the link speed. "
              "This section is generated from `bench/results/*.json` by `scripts/readme_results.py`.\n")
     return "\n".join([BEGIN, intro] + [p for p in parts if p]) + END
 
