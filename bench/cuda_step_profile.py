@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_suite import SHAPES, record_trace  # noqa: E402  (a sibling script)
+from gpu_suite import SHAPES, provenance, record_trace  # noqa: E402  (a sibling script)
 
 from activemoe.atomic import emit_json  # noqa: E402
 from activemoe.baselines import make_runner  # noqa: E402
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     emit_json({"bench": "cuda_step_profile", "measured": "wall clock", "dry_run": args.dry_run,
                "device": "cpu" if args.dry_run else torch.cuda.get_device_name(),
                "shape": "olmoe-1b-7b", "layers": shape["num_layers"], "prompt_tokens": args.prompt_tokens,
-               "new_tokens": args.new_tokens, "routing": "replayed", "cache": "25%", "rows": rows})
+               "new_tokens": args.new_tokens, "routing": "replayed", "cache": "25%", **provenance(), "rows": rows})
     return 0
 
 

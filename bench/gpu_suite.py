@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +54,18 @@ SHAPES = {
 BASELINES = ("transformers", "reactive", "oracle+belady@2", "pregate+slru@2", "host", "accelerate")
 WHOLE_MODEL = ("transformers", "accelerate")  # no slots: the same at every cache size, so run at the first only
 SLOTTED = tuple(b for b in BASELINES if b not in WHOLE_MODEL)
+
+
+def provenance() -> dict:
+    """What a result was measured with: torch and transformers versions, and the commit when git knows it."""
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
+                                capture_output=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "commit": commit}
 
 
 def record_trace(path: Path, tokens: int) -> None:
@@ -126,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                       "(mapped onto the shape; approximate)", "link": link_label(config),
                       "note": f"{' and '.join(WHOLE_MODEL)} hold no slots: they run at the 25% cache only",
                       "checkpoint_build_s": built_s, "shape_config": shape, "baselines": list(baselines),
-                      "same_tokens_against": baselines[0], "grouped_hits": args.grouped_hits, "rows": rows}
+                      "same_tokens_against": baselines[0], "grouped_hits": args.grouped_hits, **provenance(),
+                      "rows": rows}
             part = "" if baselines == BASELINES else "_" + "-".join(re.sub(r"[+@]", "_", b) for b in baselines)
             part += "_grouped" if args.grouped_hits else ""
             path = None if args.dry_run else out / f"gpu_{shape_name}_{name}{part}.json"  # a subset has its own file

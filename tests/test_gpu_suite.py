@@ -53,6 +53,7 @@ def test_a_subset_of_baselines_runs_alone_and_bad_names_are_refused(tmp_path, ca
     result = next(json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{"))
     assert result["baselines"] == ["transformers", "reactive"]  # in the suite's order: the first is the reference
     assert result["grouped_hits"] is True
+    assert result["torch"] == torch.__version__ and result["transformers"] and "commit" in result
     assert all(r["same_tokens"] for rows in result["rows"].values() for r in rows)
     assert [r["baseline"] for r in result["rows"]["25%"]] == ["transformers", "reactive"]
     assert [r["baseline"] for r in result["rows"]["50%"]] == ["reactive"]
