@@ -149,7 +149,8 @@ def conditions(config: BenchConfig) -> dict:
             "link": link_label(config),
             "torch_threads": torch.get_num_threads(), "model": str(config.model_dir),
             "routing": f"replayed from {e.replay_routing} (approximate)" if e.replay_routing else "exact",
-            "new_tokens": config.new_tokens, "runs": config.runs, "interleaved": config.interleave}
+            "new_tokens": config.new_tokens, "runs": config.runs, "interleaved": config.interleave,
+            "grouped_hits": e.grouped_hits}
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:

@@ -138,10 +138,12 @@ def test_compare_grid_rows(checkpoint):
 def test_bench_cli_writes_results_whole(capsys, checkpoint, tmp_path):
     out = tmp_path / "results"
     rc, stdout, _ = run(capsys, "bench", "--model", str(checkpoint("qwen3_moe")), "--baselines", "reactive,pregate",
-                        "--prompt-lengths", "4", "--new-tokens", "3", "--runs", "1", "--interleave", "--out", str(out))
+                        "--prompt-lengths", "4", "--new-tokens", "3", "--runs", "1", "--interleave", "--grouped-hits",
+                        "--out", str(out))
     assert rc == 0
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["measured"] == "wall clock" and result["link"] == "emulated 0.25 GB/s" and result["interleaved"]
+    assert result["grouped_hits"] is True and all(r["same_tokens"] for r in result["rows"])
     assert result["machine"] == machine_label("cpu")
     assert [r["baseline"] for r in result["rows"]] == ["reactive", "pregate"]
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.png"]
