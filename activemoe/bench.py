@@ -33,7 +33,6 @@ class BenchConfig:
     runs: int = 3  # timed runs per row, after one warm-up per baseline
     interleave: bool = False  # all baselines loaded at once, their runs alternating
     engine: EngineConfig = field(default_factory=EngineConfig)  # device, dtype, cache size, link for ActiveMoE
-    measured_link_gbps: float | None = None  # CUDA: the real link's measured speed, for the TTFT floor and link share
 
     @staticmethod
     def tiny(model_dir: Path, baselines: tuple[str, ...] = ("transformers", "reactive")) -> BenchConfig:
@@ -203,7 +202,8 @@ def run_bench(config: BenchConfig, progress: Progress = lambda _: None, skipped:
 
 def link_speed(config: BenchConfig) -> float | None:
     """The link speed floors and shares are taken against: the emulated one on CPU, the measured one on CUDA."""
-    return config.engine.link.link_gbps if config.engine.device == "cpu" else config.measured_link_gbps
+    link = config.engine.link
+    return link.link_gbps if config.engine.device == "cpu" else link.measured_gbps
 
 
 def compare_grid(config: BenchConfig, predictors: list[str], policies: list[str], caches: list[str],

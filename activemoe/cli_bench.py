@@ -89,16 +89,16 @@ def _config(args, baselines: tuple[str, ...], prompt_lengths, batch_sizes, cache
         raise UserError("--link-gbps must be positive")
     if args.replay_routing and not Path(args.replay_routing).is_file():
         raise UserError(f"trace file {args.replay_routing} does not exist")
-    engine = EngineConfig(device=args.device, dtype=args.dtype, link=LinkConfig(link_gbps=link),
-                          replay_routing=args.replay_routing, grouped_hits=args.grouped_hits,
-                          cache=cache_config(cache, CacheConfig()), prefetch=PrefetchConfig(lookahead=args.lookahead))
     measured = None
-    if args.device.startswith("cuda"):  # the TTFT floor and link share are taken against the real link's speed
-        from activemoe.hardware import pinned_h2d_gbps
+    if args.device.startswith("cuda"):  # the TTFT floor and link share are taken against the real link's speed,
+        from activemoe.hardware import pinned_h2d_gbps  # measured once here and handed to every engine
 
         measured = pinned_h2d_gbps(torch.device(args.device))
+    engine = EngineConfig(device=args.device, dtype=args.dtype, link=LinkConfig(link_gbps=link, measured_gbps=measured),
+                          replay_routing=args.replay_routing, grouped_hits=args.grouped_hits,
+                          cache=cache_config(cache, CacheConfig()), prefetch=PrefetchConfig(lookahead=args.lookahead))
     return BenchConfig(model, baselines, prompt_lengths, batch_sizes, args.new_tokens, args.runs,
-                       args.interleave, engine, measured)
+                       args.interleave, engine)
 
 
 def _out_dir(args) -> Path | None:

@@ -55,6 +55,8 @@ def chunk_bytes_for(configured: int | None, link_gbps: float | None) -> int:
 @dataclass(frozen=True)
 class LinkConfig:
     link_gbps: float | None = None  # emulated host-to-device link in GB/s (CPU copies paced to it); None: unpaced
+    measured_gbps: float | None = None  # CUDA: the real link's pinned host-to-device speed, when the caller has
+    #                                     measured it (a benchmark, for its floors); None: the engine measures it
 
 
 EXPERTS_ON = ("device", "host", "auto")

@@ -491,9 +491,11 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     top_k = top_k_of(hf_config)
     total = len(store.experts())
     num_slots = budget.num_slots if budget else num_slots_for(config.cache, total, store.expert_bytes, top_k)
-    # unpaced on CUDA: the real link's measured speed (it pins and copies 64 MiB at start-up) sizes the copy
-    # chunks, and --experts-on auto and --late-miss weigh a transfer's estimated time at it
-    measured = pinned_h2d_gbps(device) if device.type == "cuda" and not config.link.link_gbps else None
+    # unpaced on CUDA: the real link's measured speed (given, or measured here: it pins and copies 64 MiB) sizes
+    # the copy chunks, and --experts-on auto and --late-miss weigh a transfer's estimated time at it
+    measured = None
+    if device.type == "cuda" and not config.link.link_gbps:
+        measured = config.link.measured_gbps or pinned_h2d_gbps(device)
     prefetch, link = config.prefetch, EmulatedLink(config.link.link_gbps, measured)
     chunk_bytes = chunk_bytes_for(prefetch.chunk_bytes, config.link.link_gbps or measured)
     if config.precision == "native":

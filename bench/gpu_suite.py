@@ -127,11 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                                           max_positions=2048, init_range=0.02, max_shard_size="2GB", fast_init=True,
                                           **shape)
             built_s = time.perf_counter() - started
-            base = EngineConfig(device=device, dtype="bfloat16", replay_routing=str(trace), link=LinkConfig(),
-                                grouped_hits=args.grouped_hits)
+            base = EngineConfig(device=device, dtype="bfloat16", replay_routing=str(trace),
+                                link=LinkConfig(measured_gbps=link_gbps), grouped_hits=args.grouped_hits)
             config = BenchConfig(model, baselines, (8,) if args.dry_run else (16, 512), (1,),
-                                 4 if args.dry_run else args.new_tokens, 1 if args.dry_run else args.runs, engine=base,
-                                 measured_link_gbps=link_gbps)
+                                 4 if args.dry_run else args.new_tokens, 1 if args.dry_run else args.runs, engine=base)
             rows: dict[str, list[dict]] = {}
             result = {"bench": "gpu_suite", "shape": shape_name, "layers": shape["num_layers"],
                       "real_layers": real_layers, "device": name, "dtype": "bfloat16",

@@ -176,7 +176,8 @@ def test_bench_bad_input(capsys, checkpoint, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bench_cuda_reports_device_peak(checkpoint):
     config = replace(BenchConfig.tiny(checkpoint("qwen3_moe"), ("transformers", "reactive")),
-                     engine=EngineConfig(device="cuda", cache=CacheConfig(num_slots=4)), measured_link_gbps=20.0)
+                     engine=EngineConfig(device="cuda", cache=CacheConfig(num_slots=4),
+                                         link=LinkConfig(measured_gbps=20.0)))
     rows = run_bench(config)
     assert all(r.peak_device_bytes and r.same_tokens for r in rows)
     reactive = next(r for r in rows if r.baseline == "reactive")  # floors and shares against the measured link
