@@ -109,6 +109,19 @@ def _cell(value, spec: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
 
 
+def _reactive_speeds(rows: list[dict]) -> dict[tuple[int, int], float]:
+    """Reactive LRU's decode tok/s per (prompt, batch): what "vs reactive" divides by."""
+    return {(row["prompt_tokens"], row["batch_size"]): row["decode_tok_s"] for row in rows if row["baseline"] == "reactive"}
+
+
+def _vs_reactive_and_ttft(row: dict, reactive: dict[tuple[int, int], float]) -> str:
+    """The "vs reactive" and "TTFT ms (floor)" cells of a bench row."""
+    base = reactive.get((row["prompt_tokens"], row["batch_size"]))
+    ratio = f"{row['decode_tok_s'] / base:.2f}×" if base else "-"
+    floor = f" ({row['ttft_floor_s'] * 1e3:.0f})" if row["ttft_floor_s"] else ""
+    return f"{ratio} | {row['ttft_s'] * 1e3:.0f}{floor}"
+
+
 def bench_table(name: str, command: str) -> str:
     """An `activemoe bench` result (bench.json in a results folder) as a table."""
     r = _load(name)
@@ -117,7 +130,6 @@ def bench_table(name: str, command: str) -> str:
     interleaved = r.get("interleaved", False)
     if interleaved:
         command += " --interleave"
-    first = {}
     lines = [f"""`{command}` ({r['device']}, {r['dtype']}, link {r['link']}, cache {r['cache']}, {r['new_tokens']} new
 tokens, median of {r['runs']}{' interleaved' if interleaved else ''} runs, min-max over them; "vs reactive" compares decode tok/s with `reactive` at the same prompt and batch;
 TTFT floor = the prompt's distinct experts × expert bytes ÷ link; predict % = share of decode wall time spent in the
@@ -126,18 +138,13 @@ link's capacity decode used):
 """, "| baseline | prompt | batch | decode tok/s | min-max | vs reactive | TTFT ms (floor) | decode hit | recall@1 "
      "| predict % | MB/token | link % | reuse | same tokens |", "|---" * 14 + "|"]
     gbps = re.search(r"([0-9.]+) GB/s", r["link"])
+    reactive = _reactive_speeds(r["rows"])
     for row in r["rows"]:
-        if row["baseline"] == "reactive":
-            first[(row["prompt_tokens"], row["batch_size"])] = row["decode_tok_s"]
-    for row in r["rows"]:
-        base = first.get((row["prompt_tokens"], row["batch_size"]))
-        ratio = f"{row['decode_tok_s'] / base:.2f}×" if base else "-"
-        floor = f" ({row['ttft_floor_s'] * 1e3:.0f})" if row["ttft_floor_s"] else ""
         bytes_per_token = row["decode_bytes_per_token"]  # the share as activemoe.bench.link_share takes it
         share = row["decode_tok_s"] * bytes_per_token / (float(gbps[1]) * 1e9) if gbps and bytes_per_token else None
         lines.append(f"| {row['baseline']} | {row['prompt_tokens']} | {row['batch_size']} | {row['decode_tok_s']:.1f} | "
-                     f"{row['decode_tok_s_min']:.0f}-{row['decode_tok_s_max']:.0f} | {ratio} | "
-                     f"{row['ttft_s'] * 1e3:.0f}{floor} | {_cell(row['hit_rate'], '.3f')} | "
+                     f"{row['decode_tok_s_min']:.0f}-{row['decode_tok_s_max']:.0f} | "
+                     f"{_vs_reactive_and_ttft(row, reactive)} | {_cell(row['hit_rate'], '.3f')} | "
                      f"{_cell(row['recall_1'], '.3f')} | {_cell(row.get('predict_share'), '.1f', 100)} | "
                      f"{_cell(row['decode_bytes_per_token'], '.2f', 1e-6)} | {_cell(share, '.0f', 100)} | "
                      f"{_cell(row['reuse'], '.2f')} | {'yes' if row['same_tokens'] else 'NO'} |")
@@ -208,16 +215,12 @@ def gpu_suites() -> str:
                  "| cache | baseline | prompt | decode tok/s | min-max | vs reactive | TTFT ms (floor) | decode hit "
                  "| link % | peak device GiB | same tokens |", "|---" * 11 + "|"]
         for cache, rows in r["rows"].items():
-            reactive = {row["prompt_tokens"]: row["decode_tok_s"] for row in rows if row["baseline"] == "reactive"}
+            reactive = _reactive_speeds(rows)
             for row in rows:
-                base = reactive.get(row["prompt_tokens"])
-                floor = f" ({row['ttft_floor_s'] * 1e3:.0f})" if row["ttft_floor_s"] else ""
-                ratio = f"{row['decode_tok_s'] / base:.2f}×" if base else "-"
                 lines.append(
                     f"| {cache} | {row['baseline']} | {row['prompt_tokens']} | {row['decode_tok_s']:.1f} | "
-                    f"{row['decode_tok_s_min']:.1f}-{row['decode_tok_s_max']:.1f} | {ratio} | "
-                    f"{row['ttft_s'] * 1e3:.0f}{floor} | "
-                    f"{_cell(row['hit_rate'], '.3f')} | {_cell(row['link_share'], '.0f', 100)} | "
+                    f"{row['decode_tok_s_min']:.1f}-{row['decode_tok_s_max']:.1f} | "
+                    f"{_vs_reactive_and_ttft(row, reactive)} | {_cell(row['hit_rate'], '.3f')} | {_cell(row['link_share'], '.0f', 100)} | "
                     f"{_cell(row['peak_device_bytes'], '.2f', 1 / 2**30)} | "
                     f"{'-' if row['same_tokens'] is None else 'yes' if row['same_tokens'] else 'NO'} |")
         parts.append("\n".join(lines) + "\n")
