@@ -29,6 +29,7 @@ from activemoe.atomic import emit_json  # noqa: E402
 from activemoe.baselines import make_runner  # noqa: E402
 from activemoe.bench import cache_config  # noqa: E402
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig  # noqa: E402
+from activemoe.hardware import pinned_h2d_gbps  # noqa: E402
 from activemoe.tiny import build_tiny_checkpoint  # noqa: E402
 
 CONFIGS = ("reactive", "oracle+belady@2", "pregate+slru@2")
@@ -113,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         model = build_tiny_checkpoint(family, Path(work) / "model", dtype=torch.bfloat16, vocab=4096,
                                       max_positions=2048, init_range=0.02, max_shard_size="2GB", fast_init=True,
                                       **shape)
-        base = EngineConfig(device=device.type, dtype="bfloat16", replay_routing=str(trace), link=LinkConfig(),
+        measured = None if args.dry_run else pinned_h2d_gbps(device)  # once, for every engine's copy chunks
+        base = EngineConfig(device=device.type, dtype="bfloat16", replay_routing=str(trace),
+                            link=LinkConfig(measured_gbps=measured),
                             cache=cache_config("25%", CacheConfig()))
         prompt = [[(7 * i) % 4000 + 5 for i in range(args.prompt_tokens)]]
         for spec in args.configs.split(","):
