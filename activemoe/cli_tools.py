@@ -43,7 +43,7 @@ def add_grouped_hits_flag(p) -> None:
     p.add_argument("--grouped-hits", action="store_true",
                    help="decode: run the experts already in slots at a layer's start as one grouped matmul per "
                         "projection, a few kernel launches per layer instead of a few per expert (for CUDA, where "
-                        "launching kernels bounds a decode step; on the CPU it measured no faster). Exact: "
+                        "launching kernels bounds a decode step; not yet shown faster by a benchmark). Exact: "
                         "the same products, summed in the same order")
 
 

@@ -232,7 +232,7 @@ class ExpertRuntime:
             if self.grouped_hits and hidden.shape[0] == 1 and len(ready) > 1:
                 grouped, ready = ready, []  # _run_grouped releases them
                 self._run_grouped(module, grouped, hidden, flat, top_k_weights, parts)
-            while ready:  # one expert at a time: on the CPU no slower than one grouped call (grouped_hits)
+            while ready:  # one expert at a time (the default; grouped_hits is for launch-bound CUDA)
                 eid, slot = ready.pop()
                 self._run_slot(run, eid, slot)
             while pending:
