@@ -36,8 +36,14 @@ def add_parser(sub) -> None:
     p.add_argument("--link-gbps", type=float, help="override the cost model's link (e.g. an emulated link)")
     p.add_argument("--cache", help="slots: a share of all experts (25%%) or a count; a list sweeps (default 25%%)")
     p.add_argument("--policy", help="eviction policies, e.g. lru,belady (default lru)")
-    p.add_argument("--predictor", help="none, oracle, history, or oracle@RECALL (an oracle degraded to that "
-                                       "recall); a list sweeps (default none)")
+    p.add_argument("--predictor", help="none, oracle, history, learned (its heads on the trace's hidden states: a "
+                                       "trace recorded with --hidden, and --predictor-file), or oracle@RECALL (an "
+                                       "oracle degraded to that recall); a list sweeps (default none)")
+    p.add_argument("--predictor-file", help="the learned heads (`activemoe train-predictor`, or a model "
+                                            "directory's activemoe-predictor.safetensors) for --predictor learned")
+    p.add_argument("--predict-us", type=float, default=0.0,
+                   help="virtual microseconds charged per predictor call, e.g. its measured cost on the machine "
+                        "the profile describes (default 0: the cost model has no predictor)")
     p.add_argument("--lookahead", help="MoE layers ahead to prefetch; a list sweeps (default 1)")
     p.add_argument("--sweep", help="dimensions to sweep over default ranges: cache,policy,predictor,lookahead")
     p.add_argument("--issue-window", type=int, default=2, help="speculative loads in flight at once (default 2)")
@@ -63,8 +69,7 @@ def _workload(args, shape):
     if shape is not None:
         workload.check_shape(shape.moe_layers, shape.num_experts, shape.top_k, shape.name)
     if args.tokens:
-        workload = type(workload)(workload.layers, workload.num_experts, workload.top_k,
-                                  workload.experts[:args.tokens], workload.label)
+        workload = workload.head(args.tokens)
     return workload
 
 
@@ -122,6 +127,8 @@ def _configs(args, workload) -> list:
         raise UserError("--lookahead takes integers") from None
     if min(lookaheads) < 1 or args.issue_window < 1:
         raise UserError("--lookahead and --issue-window must be at least 1")
+    if args.predict_us < 0:
+        raise UserError("--predict-us must not be negative")
     if not 0 <= args.prefill < workload.num_tokens:
         raise UserError(f"--prefill must lie in 0..{workload.num_tokens - 1} (the trace has {workload.num_tokens} tokens)")
     out = []
@@ -130,8 +137,25 @@ def _configs(args, workload) -> list:
             continue  # lookahead does not matter without a predictor
         out.append(SimConfig(CacheConfig(num_slots=slots, policy=policy),
                              PrefetchConfig(predictor=pred, lookahead=lookahead, issue_window=args.issue_window),
-                             prefill_tokens=args.prefill, oracle_recall=recall))
+                             prefill_tokens=args.prefill, oracle_recall=recall,
+                             predict_s=0.0 if pred == "none" else args.predict_us * 1e-6))
     return out
+
+
+def _learned(args, configs, workload) -> dict[int, object]:
+    """lookahead -> the LearnedPredictor of --predictor-file, for the configs that name it."""
+    lookaheads = sorted({c.prefetch.lookahead for c in configs if c.prefetch.predictor == "learned"})
+    if not lookaheads:
+        return {}
+    if workload.hidden is None:
+        raise UserError("--predictor learned reads hidden states: give a --trace recorded with --hidden")
+    if not args.predictor_file:
+        raise UserError("--predictor learned needs --predictor-file (the heads, e.g. a model directory's "
+                        "activemoe-predictor.safetensors)")
+    from activemoe.learned import LearnedPredictor, load_heads
+
+    heads = load_heads(args.predictor_file, workload.shape_id or "")
+    return {k: LearnedPredictor(heads, list(workload.layers), k) for k in lookaheads}
 
 
 def cmd_simulate(args) -> int:
@@ -142,22 +166,25 @@ def cmd_simulate(args) -> int:
     workload = _workload(args, shape)
     cost = _cost(args, shape)
     configs = _configs(args, workload)
-    results = [simulate(workload, c, cost) for c in configs]
+    learned = _learned(args, configs, workload)
+    results = [simulate(workload, c, cost, learned=learned.get(c.prefetch.lookahead)) for c in configs]
     if not args.json:
         total = len(workload.layers) * workload.num_experts
         print(f"SIMULATED (virtual clock) decode of {workload.num_tokens - args.prefill} tokens, {workload.label}; "
               f"{len(workload.layers)} MoE layers x {workload.num_experts} experts, top-{workload.top_k} "
               f"({total} experts)")
-        print(cost.describe())
-        head = (f"{'configuration':<34} {'tok/s':>9} {'hit':>6} {'loads':>7} {'evict':>7} {'stall s':>8} "
+        print(cost.describe() + (f"; predictor {args.predict_us:g} us per call" if args.predict_us else
+                                 "; predictor calls cost nothing (--predict-us)"))
+        head = (f"{'configuration':<34} {'tok/s':>9} {'hit':>6} {'MB/tok':>6} {'loads':>7} {'evict':>7} {'stall s':>8} "
                 f"{'bound tok/s':>11} {'eff':>5} {'R@1':>5}")
         print(head)
         for r in results:
             recall = r.recall.get("1")
-            print(f"{r.config:<34} {r.tok_s:>9.2f} {r.hit_rate:>6.3f} {r.loads:>7} {r.evictions:>7} "
+            print(f"{r.config:<34} {r.tok_s:>9.2f} {r.decode_hit_rate:>6.3f} {r.decode_bytes / max(r.tokens, 1) / 1e6:>6.2f} {r.loads:>7} {r.evictions:>7} "
                   f"{r.stall_s:>8.3f} {r.oracle_bound_tok_s:>11.2f} {r.efficiency:>5.2f} "
                   f"{'-' if recall is None else f'{recall:.2f}':>5}")
-        print("bound = max(compute floor, Belady link floor) per token: perfect prediction, Belady eviction, "
+        print("hit = decode hit rate; MB/tok = bytes moved per decode token; "
+              "bound = max(compute floor, Belady link floor) per token: perfect prediction, Belady eviction, "
               "perfect overlap; eff = tok/s / bound")
     if args.plot:
         plot(results, configs, cost, workload.label, args.plot)

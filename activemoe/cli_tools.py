@@ -209,6 +209,11 @@ def _add_trace(sub) -> None:
     p.add_argument("--hidden", action="store_true", help="also record hidden states (needed by pregate/learned)")
     p.add_argument("--max-tokens", type=int, default=8192, help="stop after this many tokens (default 8192)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per forward pass (default 256)")
+    p.add_argument("--new-tokens", type=int, default=0,
+                   help="treat each --seq-len chunk as a prompt, generate this many greedy tokens after it as `bench` "
+                        "does, and record its decode steps too: `--max-tokens 512 --seq-len 512 "
+                        "--new-tokens 64` records bench's 512-token workload, which `simulate --prefill 512` "
+                        "replays (default 0: teacher-forced text only)")
     add_memory_flags(p, ALL_EXPERTS)
 
 
@@ -280,15 +285,15 @@ def cmd_trace(args) -> int:
 
     from activemoe import engine
 
-    if args.max_tokens < 1 or args.seq_len < 1:
-        raise UserError("--max-tokens and --seq-len must be at least 1")
+    if args.max_tokens < 1 or args.seq_len < 1 or args.new_tokens < 0:
+        raise UserError("--max-tokens and --seq-len must be at least 1, --new-tokens at least 0")
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: directory {out.parent} does not exist")
     config = EngineConfig(device=args.device, cache=memory_cache(args, 1.0), store=args.store)
     with engine.load(args.model, config) as eng, progress_bar("recording") as on_progress:
         trace = eng.record_trace(_chunks(eng, _texts(args), args.seq_len, args.max_tokens), keep_hidden=args.hidden,
-                                 on_progress=on_progress)
+                                 on_progress=on_progress, new_tokens=args.new_tokens)
         slots = eng.load_stats.num_slots
     trace.save(out)
     print(json.dumps({"trace": str(out), "rows": int(trace.layer.numel()), "tokens": int(trace.token.max()) + 1,

@@ -161,12 +161,17 @@ class Engine:
                 "layers": json.dumps(self.runtime.store.layers), "shape_id": self.shape_id}
 
     @torch.inference_mode()
-    def record_trace(self, chunks: list[list[int]], keep_hidden: bool = True, on_progress=None) -> Trace:
-        """Forward each token chunk (teacher-forced, no sampling) and record every layer's routing."""
+    def record_trace(self, chunks: list[list[int]], keep_hidden: bool = True, on_progress=None,
+                     new_tokens: int = 0) -> Trace:
+        """Forward each token chunk (teacher-forced, no sampling) and record every layer's routing; with
+        `new_tokens`, each chunk is a prompt, and its greedy continuation's decode steps are recorded too."""
         recorder = Recorder(self.runtime.store.layers[0], keep_hidden)
         self.runtime.recorder = recorder
         try:
             for i, chunk in enumerate(chunks):
+                if new_tokens:
+                    self._generate([chunk], new_tokens, SamplingConfig(do_sample=False), None)
+                    continue
                 self.runtime.begin()
                 self.model(torch.tensor([chunk], device=self.device), use_cache=False)
                 if on_progress:

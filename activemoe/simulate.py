@@ -24,12 +24,13 @@ from activemoe.ids import ExpertId
 from activemoe.loader import QUEUE_DEPTH
 from activemoe.loader_core import LoaderCore, first_layer_reserve
 from activemoe.policies import Belady, make_policy
-from activemoe.predictors import Announcer, HistoryPredictor, NoPredictor, OraclePredictor, Prediction
+from activemoe.predictors import TOKENS, Announcer, HistoryPredictor, NoPredictor, OraclePredictor, Prediction
 from activemoe.rest import Rest
 from activemoe.scheduler import LoadTask, PrefetchScheduler
 from activemoe.workload import Event, Workload
 
-SIM_PREDICTORS = ("none", "oracle", "history")  # pregate/learned/adaptive need hidden states and routers
+SIM_PREDICTORS = ("none", "oracle", "history", "learned")  # learned: from a trace's hidden states; pregate and
+# adaptive also need the model's routers
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class SimConfig:
     prefill_tokens: int = 0  # leading tokens of the workload run as one prefill forward
     oracle_recall: float | None = None  # degrade the oracle to this recall (wrong guesses replace misses)
     seed: int = 0  # of the degraded oracle's choices
+    predict_s: float = 0.0  # virtual time charged per predictor call (the cost model has no predictor)
 
     def label(self) -> str:
         p = self.prefetch
@@ -55,7 +57,8 @@ class SimResult:
     tok_s: float  # decode tokens per simulated second
     activations: int
     hits: int  # activations whose expert was READY when routed
-    hit_rate: float
+    hit_rate: float  # over prefill and decode, as GenerationStats.hit_rate
+    decode_hit_rate: float  # over the decode steps alone, as GenerationStats.decode_hit_rate
     lookups: int  # (layer event, routed expert) lookups; cache hits/misses count these
     loads: int
     evictions: int
@@ -64,6 +67,7 @@ class SimResult:
     wasted: int
     stall_s: float  # decode time the compute path waited for loads
     bytes_moved: int
+    decode_bytes: int  # moved from the first decode step on (a prefill's loads still landing count here)
     recall: dict[str, float]  # lookahead k -> recall@k over decode steps
     predictor_rested: float  # share of decode MoE-layer events at which the predictor rested (rest.py)
     compute_floor_tok_s: float  # every expert resident
@@ -162,16 +166,18 @@ def num_slots(cache: str, total_experts: int, top_k: int) -> int:
     return min(slots, total_experts)
 
 
-def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes: list[int] | None = None
-             ) -> SimResult:
-    """Replay `workload` under `config` on the virtual clock of `cost`."""
+def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes: list[int] | None = None,
+             learned=None) -> SimResult:
+    """Replay `workload` under `config` on the virtual clock of `cost`. `learned`: the LearnedPredictor
+    that config's predictor "learned" names; it reads the workload's hidden states, as the runtime's."""
     events = workload.events(config.prefill_tokens)
     routing = [(e.layer, e.routed) for e in events]
     slots = config.cache.num_slots
     if slots is None or slots < workload.top_k:
         raise UserError(f"the cache needs at least {workload.top_k} slots (one layer's top-k)")
     p = config.prefetch
-    predictor, clock = _predictor(workload, config, routing)
+    predictor, clock = _predictor(workload, config, routing, learned)
+    inputs = _Inputs(workload) if p.predictor == "learned" else None
     policy = make_policy(config.cache.policy)
     if config.cache.policy == "belady":
         future = OraclePredictor(routing, 1)
@@ -179,21 +185,30 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
     cache = ExpertCache(slots, policy)
     chunk_bytes = chunk_bytes or _chunk_plan(cost.expert_bytes, chunk_bytes_for(p.chunk_bytes, cost.link_gbps))
     core = LoaderCore(cache, PrefetchScheduler(p.issue_window), len(chunk_bytes))
-    if config.cache.first_layer_reserve and isinstance(predictor, HistoryPredictor):  # as the engine (the oracle crosses tokens)
-        core.reserve_for(workload.layers[0], first_layer_reserve(slots, p.lookahead, p.budget or workload.top_k))
+    announce = Announcer(p.budget or workload.top_k)  # as the engine's runtime
+    if config.cache.first_layer_reserve and p.predictor not in ("none", "oracle"):  # as the engine (the oracle
+        # crosses tokens)
+        core.reserve_for(workload.layers[0], first_layer_reserve(slots, p.lookahead, announce.budget))
     if slots >= len(workload.layers) * workload.num_experts:  # as the engine: everything fits, loaded at start
         core.fill([ExpertId(layer, e) for layer in workload.layers for e in range(workload.num_experts)],
                   copy=lambda eid, slot: None)
         cache.stats.get_and_reset()
     engine = _CopyEngine(core, cost, chunk_bytes)
-    announce = Announcer(p.budget)
     predictor.begin()
     rest, rested = Rest(), 0  # as the runtime: the predictor rests through quiet decode steps
     t, stall, hits, activations, decode_start, decode_stall = 0.0, 0.0, 0, 0, None, 0.0
+    decode_from = (0, 0, 0)  # (hits, activations, bytes moved) when decode began
     n_prefill = len(workload.layers) if config.prefill_tokens else 0
     for event, ev in enumerate(events):
         if event == n_prefill:
-            decode_start, decode_stall = t, stall
+            decode_start, decode_stall, decode_from = t, stall, (hits, activations, engine.bytes_moved)
+        if inputs is not None and inputs.sees_tokens(predictor) and ev.layer == workload.layers[0] \
+                and not rest.resting(predictor):  # as runtime.tokens: before the first layer's attention
+            t += config.predict_s
+            core.ahead(announce.ahead(event - 1, predictor.predict(event - 1, TOKENS, inputs.embedded(ev), None),
+                                      announce.budget))
+            if core.scheduler.tasks:
+                engine.kick(t)
         t += cost.layer_s(ev.tokens)  # attention, norms, router of this decoder layer
         engine.advance(t)
         clock[0] = event  # the event a future-knowing policy sees from now on (the oracle's `now`)
@@ -203,8 +218,10 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
             rested += resting
         if not isinstance(predictor, NoPredictor) and not resting:
             index = torch.tensor([ev.routed]) if ev.tokens == 1 else torch.tensor(ev.routed)[:, None]
+            hidden = None if inputs is None else inputs.hidden(ev)
+            t += config.predict_s
             predicted = announce(event, ev.routed, workload.top_k, ev.tokens == 1,
-                                 predictor.predict(event, ev.layer, None, index))
+                                 predictor.predict(event, ev.layer, hidden, index))
         routed = [ExpertId(ev.layer, e) for e in ev.routed]
         ready, waiting = core.begin_layer(event, routed, predicted)
         if waiting:
@@ -232,16 +249,41 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
             pending.discard(got[0])
             t = _compute(core, engine, cost, got[1], counts[got[0].expert], t)
     if decode_start is None:
-        decode_start, decode_stall = t, stall
+        decode_start, decode_stall, decode_from = t, stall, (hits, activations, engine.bytes_moved)
+    decode = (hits - decode_from[0], activations - decode_from[1], engine.bytes_moved - decode_from[2])
     return _result(workload, config, cost, events[n_prefill:], slots, t - decode_start, decode_start,
-                   stall - decode_stall, hits, activations, cache, core, engine, announce, rested)
+                   stall - decode_stall, hits, activations, decode, cache, core, engine, announce, rested)
 
 
-def _predictor(workload: Workload, config: SimConfig, routing) -> tuple[object, list[int]]:
+class _Inputs:
+    """What the runtime hands a learned predictor, from the workload: an event's MoE input [T, H] and its
+    tokens' embeddings [T, H], in float32 (traces store float16)."""
+
+    def __init__(self, workload: Workload):
+        if workload.hidden is None:
+            raise UserError("the learned predictor reads hidden states: record the trace with --hidden")
+        self.workload = workload
+        self.position = {layer: i for i, layer in enumerate(workload.layers)}
+
+    def sees_tokens(self, predictor) -> bool:
+        return getattr(predictor, "sees_tokens", False) and self.workload.embedded is not None
+
+    def hidden(self, ev: Event) -> torch.Tensor:
+        return torch.from_numpy(self.workload.hidden[ev.first:ev.first + ev.tokens, self.position[ev.layer]]).float()
+
+    def embedded(self, ev: Event) -> torch.Tensor:
+        return torch.from_numpy(self.workload.embedded[ev.first:ev.first + ev.tokens]).float()
+
+
+def _predictor(workload: Workload, config: SimConfig, routing, learned) -> tuple[object, list[int]]:
     p = config.prefetch
     if p.predictor not in SIM_PREDICTORS:
         raise UserError(f"the simulator runs predictors {', '.join(SIM_PREDICTORS)} (and oracle@RECALL); "
-                        f"{p.predictor!r} needs hidden states and router weights")
+                        f"{p.predictor!r} needs the model's routers")
+    if p.predictor == "learned":
+        if learned is None:
+            raise UserError("the learned predictor needs its heads: give --predictor-file")
+        return learned, [0]
     if config.cache.policy == "belady" or config.oracle_recall is not None or p.predictor == "oracle":
         if p.lookahead < 1:
             raise UserError("--lookahead must be at least 1")
@@ -302,7 +344,7 @@ def bounds(events: list[Event], tokens: int, num_slots: int, cost: CostModel) ->
     return rate(compute), rate(link), rate(max(compute, link))
 
 
-def _result(workload, config, cost, decode_events, slots, decode_s, prefill_s, stall, hits, activations,
+def _result(workload, config, cost, decode_events, slots, decode_s, prefill_s, stall, hits, activations, decode,
             cache, core, engine, announce, rested: int) -> SimResult:
     tokens = workload.num_tokens - config.prefill_tokens
     compute_floor, link_floor, bound = bounds(decode_events, tokens, slots, cost)
@@ -311,8 +353,10 @@ def _result(workload, config, cost, decode_events, slots, decode_s, prefill_s, s
     return SimResult(
         config=config.label(), tokens=tokens, decode_s=decode_s, prefill_s=prefill_s, tok_s=tok_s,
         activations=activations, hits=hits, hit_rate=hits / activations if activations else 0.0,
+        decode_hit_rate=decode[0] / decode[1] if decode[1] else 0.0,
         lookups=cs.hits + cs.misses, loads=cs.loads, evictions=cs.evictions, critical=ss.critical,
         speculative=cs.loads - ss.critical, wasted=cs.wasted, stall_s=stall, bytes_moved=engine.bytes_moved,
+        decode_bytes=decode[2],
         recall={str(k): h / n for k, (h, n) in sorted(announce.recall.items()) if n},
         predictor_rested=rested / len(decode_events) if decode_events else 0.0,
         compute_floor_tok_s=compute_floor, link_floor_tok_s=link_floor, oracle_bound_tok_s=bound,

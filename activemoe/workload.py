@@ -5,7 +5,7 @@ one decode step per token), as the engine's runtime sees them. It knows nothing 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -20,6 +20,7 @@ class Event:
     routed: tuple[int, ...]  # sorted distinct expert ids
     counts: tuple[int, ...]  # activations per routed expert (tokens routed to it), aligned with `routed`
     tokens: int
+    first: int = 0  # workload index of the event's first token
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,18 @@ class Workload:
     top_k: int
     experts: np.ndarray  # [N, L, K] routed expert ids
     label: str  # "recorded: PATH" or "synthetic: SPEC"
+    hidden: np.ndarray | None = None  # [N, L, H] float16: each MoE layer's input (a trace recorded with --hidden)
+    embedded: np.ndarray | None = None  # [N, H] float16: the token embeddings (idem)
+    shape_id: str | None = None  # the recorded model's shape digest (trace.shape_id)
 
     @property
     def num_tokens(self) -> int:
         return int(self.experts.shape[0])
+
+    def head(self, tokens: int) -> Workload:
+        """The first `tokens` tokens."""
+        cut = lambda a: None if a is None else a[:tokens]  # noqa: E731
+        return replace(self, experts=self.experts[:tokens], hidden=cut(self.hidden), embedded=cut(self.embedded))
 
     def events(self, prefill_tokens: int = 0) -> list[Event]:
         """The first `prefill_tokens` tokens in one forward, then one decode step per token."""
@@ -44,14 +53,14 @@ class Workload:
                 ids, counts = np.unique(block[:, i], return_counts=True)
                 out.append(Event(layer, tuple(ids.tolist()), tuple(counts.tolist()), prefill_tokens))
         rows = np.sort(self.experts[prefill_tokens:], axis=-1).tolist()  # [N-P, L, K]
-        for token in rows:
+        for n, token in enumerate(rows, start=prefill_tokens):
             for i in range(n_layers):
                 ids = token[i]
                 if len(set(ids)) == len(ids):
-                    out.append(Event(self.layers[i], tuple(ids), (1,) * len(ids), 1))
+                    out.append(Event(self.layers[i], tuple(ids), (1,) * len(ids), 1, n))
                 else:
                     u, c = np.unique(ids, return_counts=True)
-                    out.append(Event(self.layers[i], tuple(u.tolist()), tuple(c.tolist()), 1))
+                    out.append(Event(self.layers[i], tuple(u.tolist()), tuple(c.tolist()), 1, n))
         return out
 
     def check_shape(self, moe_layers: int, num_experts: int, top_k: int, name: str) -> None:
@@ -74,10 +83,17 @@ def from_trace(trace, label: str) -> Workload:
         raise UserError(f"{label}: not every token has a row for every MoE layer; the trace is damaged")
     k = trace.experts.shape[1]
     experts = np.full((len(tokens), len(layers), k), -1, dtype=np.int64)
-    experts[np.searchsorted(tokens, token), layer_pos] = trace.experts.numpy()
+    where = np.searchsorted(tokens, token), layer_pos
+    experts[where] = trace.experts.numpy()
     if (experts < 0).any() or (experts >= trace.num_experts).any():
         raise UserError(f"{label}: expert ids outside 0..{trace.num_experts - 1}; the trace is damaged")
-    return Workload(layers, trace.num_experts, k, experts, label)
+    hidden = embedded = None
+    if trace.hidden is not None:
+        hidden = np.zeros((len(tokens), len(layers), trace.hidden.shape[1]), dtype=np.float16)
+        hidden[where] = trace.hidden.numpy()
+        if trace.tokens is not None and len(trace.tokens) == len(tokens):
+            embedded = trace.tokens.numpy()
+    return Workload(layers, trace.num_experts, k, experts, label, hidden, embedded, trace.meta.get("shape_id"))
 
 
 @dataclass(frozen=True)

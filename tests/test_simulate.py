@@ -267,6 +267,84 @@ def test_simulate_cli_bad_input(capsys, tmp_path):
                                "--hardware", "rtx4090"], "does not exist")
 
 
+def test_the_simulated_learned_predictor_names_what_predict_eval_scores(checkpoint, monkeypatch):
+    """The simulator hands the learned heads the trace's hidden states as the runtime would hand them its
+    own (token embeddings first, then each MoE layer's input): its live recall at every lookahead equals
+    predict-eval's teacher-forced recall on the same trace, with the same heads."""
+    from activemoe.evaluation import evaluate
+    from activemoe.learned import LearnedPredictor, train_heads
+    from activemoe.rest import Rest
+
+    monkeypatch.setattr("activemoe.simulate.Rest", lambda: Rest(after=None))  # predict-eval never rests
+    with activemoe.load(checkpoint("qwen3_moe"), EngineConfig.tiny(num_slots=24)) as eng:
+        trace = eng.record_trace([PROMPT * 4, PROMPT[::-1] * 3], keep_hidden=True)
+    heads = train_heads(trace, lookahead=2, epochs=3, lr=1e-2)
+    workload = from_trace(trace, "recorded in test")
+    layers = list(workload.layers)
+    sim = simulate(workload, SimConfig(CacheConfig(num_slots=6), PrefetchConfig(predictor="learned", lookahead=2)),
+                   test_cost(), learned=LearnedPredictor(heads, layers, 2))
+    score = evaluate(trace, LearnedPredictor(heads, layers, 2), budget=workload.top_k)
+    assert set(sim.recall) == {"1", "2"}
+    for k in (1, 2):
+        assert sim.recall[str(k)] == pytest.approx(score.recall(k), abs=1e-12), k
+    assert sim.speculative > 0
+
+
+def test_a_recorded_generation_is_the_workload_the_engine_ran(checkpoint):
+    """`trace record --new-tokens N` records a prompt and its greedy continuation's decode steps; simulated
+    with --prefill = the prompt's length, reactive LRU hits, loads and evicts exactly as the engine did when
+    it generated from that prompt (bench's workload, replayed)."""
+    model_dir = checkpoint("qwen3_moe")
+    with activemoe.load(model_dir, EngineConfig.tiny(num_slots=24)) as eng:
+        trace = eng.record_trace([PROMPT], keep_hidden=True, new_tokens=9)
+    workload = from_trace(trace, "recorded in test")
+    assert workload.num_tokens == len(PROMPT) + 8 and workload.hidden.shape[:2] == (15, len(workload.layers))
+    cache = CacheConfig(num_slots=5, policy="lru")
+    with activemoe.load(model_dir, EngineConfig(cache=cache, link=LinkConfig(link_gbps=LINK_GBPS))) as eng:
+        eng.generate(PROMPT, max_new_tokens=2, sampling=GREEDY)  # warm-up
+        eng.reset_cache()
+        stats = eng.generate(PROMPT, max_new_tokens=9, sampling=GREEDY).stats
+        chunks = [c.nbytes for c in eng.runtime.loader.slab.chunks]
+        expert_bytes = eng.runtime.loader.slab.expert_bytes
+    sim = simulate(workload, SimConfig(cache, prefill_tokens=len(PROMPT)), test_cost(expert_bytes), chunks)
+    assert (sim.hit_rate, sim.decode_hit_rate, sim.loads, sim.evictions) == (
+        stats.hit_rate, stats.decode_hit_rate, stats.loads, stats.evictions)
+    assert sim.tokens == 8 and stats.evictions > 0
+
+
+def test_simulate_cli_learned(capsys, checkpoint, tmp_path):
+    from activemoe.learned import save_heads, train_heads
+
+    with activemoe.load(checkpoint("qwen3_moe"), EngineConfig.tiny(num_slots=24)) as eng:
+        hidden = eng.record_trace([PROMPT * 3], keep_hidden=True)
+        bare = eng.record_trace([PROMPT * 3], keep_hidden=False)
+    paths = {name: tmp_path / f"{name}.safetensors" for name in ("hidden", "bare", "heads")}
+    hidden.save(paths["hidden"])
+    bare.save(paths["bare"])
+    save_heads(paths["heads"], train_heads(hidden, lookahead=2, epochs=2), {**hidden.meta, "lookahead": "2"})
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"device": "cpu", "host": "test", "dtype": "float32", "expert_bytes": 6144,
+                                   "host_copy_gbps": 10.0, "expert_host_ms": {"1": 0.05, "8": 0.06, "64": 0.2},
+                                   "decode_layer_ms": 0.3}))
+    base = ["simulate", "--profile", str(profile), "--link-gbps", "0.05", "--cache", "6", "--predictor", "learned",
+            "--lookahead", "1,2"]
+    rc, out, err = run(capsys, *base, "--trace", str(paths["hidden"]), "--predictor-file", str(paths["heads"]),
+                       "--predict-us", "50")
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert "predictor 50 us per call" in lines[1]
+    rows = json.loads(lines[-1])["rows"]
+    assert [r["config"] for r in rows] == ["6 slots lru learned L1", "6 slots lru learned L2"]
+    assert all(r["recall"]["1"] > 0 and r["speculative"] > 0 for r in rows)
+    assert_user_error(capsys, [*base, "--trace", str(paths["bare"]), "--predictor-file", str(paths["heads"])],
+                      "recorded with --hidden")
+    assert_user_error(capsys, [*base, "--trace", str(paths["hidden"])], "needs --predictor-file")
+    assert_user_error(capsys, [*base, "--trace", str(paths["hidden"]), "--predictor-file", str(paths["bare"])],
+                      "not an ActiveMoE predictor file")
+    assert_user_error(capsys, [*base, "--trace", str(paths["hidden"]), "--predictor-file", str(paths["heads"]),
+                               "--predict-us", "-1"], "--predict-us must not be negative")
+
+
 def test_plan_prints_the_simulated_tokens_per_second(capsys, checkpoint):
     model_dir = str(checkpoint("qwen3_moe"))
     rc, out, err = run(capsys, "plan", "--model", model_dir, "--gpu-memory", "2.4MiB", "--device", "cpu",

@@ -413,3 +413,16 @@ def test_trace_record_of_a_model_larger_than_the_device(tmp_path, capsys):
         result = json.loads(capsys.readouterr().out)
         scores.append((result["perplexity"], result["num_slots"], result["store"]))
     assert scores[1] == (scores[0][0], 4, "disk") and scores[0][1:] == (64, "ram")
+
+
+@pytest.mark.skipif(not (BUNDLED / "config.json").is_file(), reason="bundled model not built")
+def test_trace_record_new_tokens_records_bench_workload(tmp_path, capsys):
+    """`--new-tokens N` records each prompt chunk and its greedy continuation's N-1 decode steps (the last
+    token is never run): the routing `bench` replays at that prompt length, with hidden states."""
+    out = tmp_path / "w.safetensors"
+    base = ["trace", "record", "--model", str(BUNDLED), "--split", "heldout", "--max-tokens", "16", "--seq-len", "16"]
+    assert main([*base, "--new-tokens", "5", "--hidden", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    trace = load_trace(out)
+    assert result["tokens"] == 20 and trace.tokens.shape[0] == 20 and trace.hidden.shape[0] == 20 * 4
+    assert_user_error(capsys, [*base, "--new-tokens", "-1", "--out", str(out)], "--new-tokens at least 0")
