@@ -65,6 +65,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--late-miss", default="none", metavar="{none,int4}",
                    help="none (default), or int4: APPROXIMATE, opt-in — a miss whose full copy would arrive later "
                         "than its int4 copy is computed from the int4 copy (counted as late_miss_int4)")
+    cli_tools.add_issue_window_flag(p)
     cli_tools.add_grouped_hits_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
@@ -83,14 +84,14 @@ def cmd_generate(args) -> int:
         raise UserError("--max-new-tokens must be at least 1")
     cache = cli_tools.memory_cache(args, CacheConfig.slot_fraction, policy=args.policy,
                                    first_layer_reserve=not args.no_first_layer_reserve)
-    if args.lookahead < 1:
-        raise UserError("--lookahead must be at least 1")
+    if args.lookahead < 1 or args.issue_window < 1:
+        raise UserError("--lookahead and --issue-window must be at least 1")
     config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache, store=args.store, routing=args.routing,
                           experts_on=args.experts_on, link=LinkConfig(link_gbps=args.link_gbps),
                           replay_routing=args.replay_routing, precision=args.precision, late_miss=args.late_miss,
                           quant_cache_dir=args.quant_cache, grouped_hits=args.grouped_hits,
                           prefetch=PrefetchConfig(predictor=args.predictor, lookahead=args.lookahead,
-                                                  predictor_file=args.predictor_file))
+                                                  issue_window=args.issue_window, predictor_file=args.predictor_file))
     greedy = args.greedy or args.temperature == 0  # as in llama.cpp and the OpenAI API
     temperature = None if args.temperature == 0 else args.temperature
     do_sample = False if greedy else (True if temperature is not None or args.top_p is not None else None)

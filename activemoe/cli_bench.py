@@ -13,7 +13,7 @@ from pathlib import Path
 from activemoe.atomic import emit_json, write_atomic
 from activemoe.bench import (BenchConfig, BenchRow, cache_config, compare_grid, default_baselines, link_speed,
                              run_bench)
-from activemoe.cli_tools import add_dtype_flag, add_grouped_hits_flag
+from activemoe.cli_tools import add_dtype_flag, add_grouped_hits_flag, add_issue_window_flag
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig
 from activemoe.errors import UserError
 
@@ -36,6 +36,7 @@ def _common(p) -> None:
     p.add_argument("--replay-routing", metavar="TRACE",
                    help="force every baseline's routing from a recorded trace mapped onto this model's shape "
                         "(benchmarks of random checkpoints at real shapes; labelled replay)")
+    add_issue_window_flag(p)
     add_grouped_hits_flag(p)
     p.add_argument("--out", help="directory for the JSON result and PNG plots")
 
@@ -87,6 +88,8 @@ def _config(args, baselines: tuple[str, ...], prompt_lengths, batch_sizes, cache
     link = args.link_gbps if args.link_gbps is not None else (CPU_LINK_GBPS if args.device == "cpu" else None)
     if link is not None and link <= 0:
         raise UserError("--link-gbps must be positive")
+    if args.lookahead < 1 or args.issue_window < 1:
+        raise UserError("--lookahead and --issue-window must be at least 1")
     if args.replay_routing and not Path(args.replay_routing).is_file():
         raise UserError(f"trace file {args.replay_routing} does not exist")
     measured = None
@@ -96,7 +99,8 @@ def _config(args, baselines: tuple[str, ...], prompt_lengths, batch_sizes, cache
         measured = pinned_h2d_gbps(torch.device(args.device))
     engine = EngineConfig(device=args.device, dtype=args.dtype, link=LinkConfig(link_gbps=link, measured_gbps=measured),
                           replay_routing=args.replay_routing, grouped_hits=args.grouped_hits,
-                          cache=cache_config(cache, CacheConfig()), prefetch=PrefetchConfig(lookahead=args.lookahead))
+                          cache=cache_config(cache, CacheConfig()),
+                          prefetch=PrefetchConfig(lookahead=args.lookahead, issue_window=args.issue_window))
     return BenchConfig(model, baselines, prompt_lengths, batch_sizes, args.new_tokens, args.runs,
                        args.interleave, engine)
 
@@ -150,7 +154,7 @@ def conditions(config: BenchConfig) -> dict:
             "torch_threads": torch.get_num_threads(), "model": str(config.model_dir),
             "routing": f"replayed from {e.replay_routing} (approximate)" if e.replay_routing else "exact",
             "new_tokens": config.new_tokens, "runs": config.runs, "interleaved": config.interleave,
-            "grouped_hits": e.grouped_hits}
+            "grouped_hits": e.grouped_hits, "issue_window": e.prefetch.issue_window}
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:

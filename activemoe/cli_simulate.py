@@ -46,7 +46,9 @@ def add_parser(sub) -> None:
                         "the profile describes (default 0: the cost model has no predictor)")
     p.add_argument("--lookahead", help="MoE layers ahead to prefetch; a list sweeps (default 1)")
     p.add_argument("--sweep", help="dimensions to sweep over default ranges: cache,policy,predictor,lookahead")
-    p.add_argument("--issue-window", type=int, default=2, help="speculative loads in flight at once (default 2)")
+    from activemoe.cli_tools import add_issue_window_flag  # cli_tools imports this module
+
+    add_issue_window_flag(p)
     p.add_argument("--prefill", type=int, default=0, help="leading trace tokens run as one prefill forward")
     p.add_argument("--tokens", type=int, help="simulate at most this many tokens of the trace")
     p.add_argument("--plot", help="write tokens/s and hit rate against cache size per strategy (PNG)")

@@ -8,7 +8,7 @@ import json
 import sys
 
 from activemoe import cli_simulate
-from activemoe.config import DTYPES, ROUTING, CacheConfig, EngineConfig, parse_size
+from activemoe.config import DTYPES, ROUTING, CacheConfig, EngineConfig, PrefetchConfig, parse_size
 from activemoe.errors import UserError
 from activemoe.families import offloaded_modules, router_parts
 
@@ -45,6 +45,13 @@ def add_grouped_hits_flag(p) -> None:
                         "projection, a few kernel launches per layer instead of a few per expert (for CUDA, where "
                         "launching kernels bounds a decode step; not yet shown faster by a benchmark). Exact: "
                         "the same products, summed in the same order")
+
+
+def add_issue_window_flag(p) -> None:
+    """--issue-window, shared by generate, bench, compare and simulate."""
+    p.add_argument("--issue-window", type=int, default=PrefetchConfig.issue_window,
+                   help="speculative loads in flight at once; the rest stay queued and are dropped if their layer "
+                        f"routes first (default {PrefetchConfig.issue_window})")
 
 
 def add_memory_flags(p, default: str) -> None:

@@ -51,7 +51,7 @@ class SchedulerStats:
 
 @dataclass
 class PrefetchScheduler:
-    issue_window: int = 2  # speculative tasks in flight at once
+    issue_window: int = 1  # speculative tasks in flight at once (config.PrefetchConfig.issue_window)
     tasks: dict[ExpertId, LoadTask] = field(default_factory=dict)  # queued and in flight
     protected: dict[ExpertId, int] = field(default_factory=dict)  # resident experts predicted for event `due`
     stats: SchedulerStats = field(default_factory=SchedulerStats)

@@ -139,11 +139,12 @@ def test_bench_cli_writes_results_whole(capsys, checkpoint, tmp_path):
     out = tmp_path / "results"
     rc, stdout, _ = run(capsys, "bench", "--model", str(checkpoint("qwen3_moe")), "--baselines", "reactive,pregate",
                         "--prompt-lengths", "4", "--new-tokens", "3", "--runs", "1", "--interleave", "--grouped-hits",
-                        "--out", str(out))
+                        "--issue-window", "3", "--out", str(out))
     assert rc == 0
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["measured"] == "wall clock" and result["link"] == "emulated 0.25 GB/s" and result["interleaved"]
     assert result["grouped_hits"] is True and all(r["same_tokens"] for r in result["rows"])
+    assert result["issue_window"] == 3
     assert result["machine"] == machine_label("cpu")
     assert [r["baseline"] for r in result["rows"]] == ["reactive", "pregate"]
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.png"]
@@ -165,6 +166,7 @@ def test_bench_bad_input(capsys, checkpoint, tmp_path):
     base = ["bench", "--model", model, "--prompt-lengths", "4", "--new-tokens", "3", "--runs", "1"]
     assert_user_error(capsys, base + ["--baselines", "reactive,warp"], "unknown baseline 'warp'", "accelerate")
     assert_user_error(capsys, base + ["--batch-size", "0"], "--batch-size")
+    assert_user_error(capsys, base + ["--issue-window", "0"], "--issue-window must be at least 1")
     assert_user_error(capsys, base + ["--cache", "1"], "minimum is 2")  # below one layer's top-k
     assert_user_error(capsys, base + ["--prompt-lengths", "254"], "254-token prompt plus 3 new tokens", "context of 256 positions")
     blocker = tmp_path / "file"

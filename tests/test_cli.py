@@ -171,11 +171,12 @@ def test_generate_with_prefetch_flags_reports_runtime_stats(capsys, checkpoint):
     assert stats["speculative_loads"] > 0 and stats["link_gbps"] == 0.5
 
 
-def test_grouped_hits_flag_gives_the_same_tokens(capsys, checkpoint):
+def test_grouped_hits_and_issue_window_flags_give_the_same_tokens(capsys, checkpoint):
     model_dir = checkpoint("qwen3_moe")
     tokens = []
-    for extra in ((), ("--grouped-hits",)):
+    for extra in ((), ("--grouped-hits",), ("--predictor", "pregate", "--lookahead", "2", "--issue-window", "4")):
         rc, out, err = run(capsys, *gen(model_dir, "--json", "--greedy", "--cache-experts", "12", *extra))
         assert rc == 0, err
         tokens.append(json.loads(out)["token_ids"])
-    assert tokens[0] == tokens[1] and len(tokens[0]) == 4
+    assert tokens[0] == tokens[1] == tokens[2] and len(tokens[0]) == 4
+    assert_user_error(capsys, gen(model_dir, "--issue-window", "0"), "--issue-window must be at least 1")
