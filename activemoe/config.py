@@ -30,7 +30,7 @@ class PrefetchConfig:
     lookahead: int = 1  # MoE layers ahead that predictions reach
     issue_window: int = 1  # speculative loads in flight at once; the rest stay queued and cancellable. One: a
     #                        second holds a slot (evicting) for a guess the first's landing may make stale; simulated
-    #                        (docs/simulator.md) it moved 8-12% fewer bytes per token and decoded faster, never slower
+    #                        (docs/simulator.md) it moved 7-13% fewer bytes per token and decoded faster, never slower
     chunk_bytes: int | None = None  # copy granularity: a critical load overtakes, a stale speculative one stops,
     #                                 between chunks, which never span two tensors. None: chunk_bytes_for the link
     budget: int | None = None  # predicted experts prefetched per target layer; None: the model's top-k

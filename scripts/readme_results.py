@@ -130,7 +130,8 @@ def bench_table(name: str, command: str) -> str:
     interleaved = r.get("interleaved", False)
     if interleaved:
         command += " --interleave"
-    lines = [f"""`{command}` ({r['device']}, {r['dtype']}, link {r['link']}, cache {r['cache']}, {r['new_tokens']} new
+    window = r.get("issue_window", 2)  # results without the field ran before the default became 1
+    lines = [f"""`{command}` ({r['device']}, {r['dtype']}, link {r['link']}, cache {r['cache']}, issue window {window}, {r['new_tokens']} new
 tokens, median of {r['runs']}{' interleaved' if interleaved else ''} runs, min-max over them; "vs reactive" compares decode tok/s with `reactive` at the same prompt and batch;
 TTFT floor = the prompt's distinct experts × expert bytes ÷ link; predict % = share of decode wall time spent in the
 predictor and its announcer, measured in place; link % = MB/token × decode tok/s ÷ link speed, the share of the
