@@ -139,8 +139,7 @@ def _configs(args, workload) -> list:
             continue  # lookahead does not matter without a predictor
         out.append(SimConfig(CacheConfig(num_slots=slots, policy=policy),
                              PrefetchConfig(predictor=pred, lookahead=lookahead, issue_window=args.issue_window),
-                             prefill_tokens=args.prefill, oracle_recall=recall,
-                             predict_s=0.0 if pred == "none" else args.predict_us * 1e-6))
+                             prefill_tokens=args.prefill, oracle_recall=recall, predict_s=args.predict_us * 1e-6))
     return out
 
 
@@ -177,13 +176,14 @@ def cmd_simulate(args) -> int:
               f"({total} experts)")
         print(cost.describe() + (f"; predictor {args.predict_us:g} us per call" if args.predict_us else
                                  "; predictor calls cost nothing (--predict-us)"))
-        head = (f"{'configuration':<34} {'tok/s':>9} {'hit':>6} {'MB/tok':>6} {'loads':>7} {'evict':>7} {'stall s':>8} "
-                f"{'bound tok/s':>11} {'eff':>5} {'R@1':>5}")
+        head = (f"{'configuration':<34} {'tok/s':>9} {'hit':>6} {'MB/tok':>6} {'loads':>7} {'evict':>7} "
+                f"{'stall s':>8} {'bound tok/s':>11} {'eff':>5} {'R@1':>5}")
         print(head)
         for r in results:
             recall = r.recall.get("1")
-            print(f"{r.config:<34} {r.tok_s:>9.2f} {r.decode_hit_rate:>6.3f} {r.decode_bytes / max(r.tokens, 1) / 1e6:>6.2f} {r.loads:>7} {r.evictions:>7} "
-                  f"{r.stall_s:>8.3f} {r.oracle_bound_tok_s:>11.2f} {r.efficiency:>5.2f} "
+            mb_per_token = r.decode_bytes / max(r.tokens, 1) / 1e6
+            print(f"{r.config:<34} {r.tok_s:>9.2f} {r.decode_hit_rate:>6.3f} {mb_per_token:>6.2f} {r.loads:>7} "
+                  f"{r.evictions:>7} {r.stall_s:>8.3f} {r.oracle_bound_tok_s:>11.2f} {r.efficiency:>5.2f} "
                   f"{'-' if recall is None else f'{recall:.2f}':>5}")
         print("hit = decode hit rate; MB/tok = bytes moved per decode token; "
               "bound = max(compute floor, Belady link floor) per token: perfect prediction, Belady eviction, "

@@ -171,9 +171,9 @@ class Engine:
             for i, chunk in enumerate(chunks):
                 if new_tokens:
                     self._generate([chunk], new_tokens, SamplingConfig(do_sample=False), None)
-                    continue
-                self.runtime.begin()
-                self.model(torch.tensor([chunk], device=self.device), use_cache=False)
+                else:
+                    self.runtime.begin()
+                    self.model(torch.tensor([chunk], device=self.device), use_cache=False)
                 if on_progress:
                     on_progress(i + 1, len(chunks))
         finally:

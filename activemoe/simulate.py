@@ -177,7 +177,7 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
         raise UserError(f"the cache needs at least {workload.top_k} slots (one layer's top-k)")
     p = config.prefetch
     predictor, clock = _predictor(workload, config, routing, learned)
-    inputs = _Inputs(workload) if p.predictor == "learned" else None
+    inputs = _Inputs(workload, predictor) if p.predictor == "learned" else None
     policy = make_policy(config.cache.policy)
     if config.cache.policy == "belady":
         future = OraclePredictor(routing, 1)
@@ -202,7 +202,7 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
     for event, ev in enumerate(events):
         if event == n_prefill:
             decode_start, decode_stall, decode_from = t, stall, (hits, activations, engine.bytes_moved)
-        if inputs is not None and inputs.sees_tokens(predictor) and ev.layer == workload.layers[0] \
+        if inputs is not None and inputs.sees_tokens and ev.layer == workload.layers[0] \
                 and not rest.resting(predictor):  # as runtime.tokens: before the first layer's attention
             t += config.predict_s
             core.ahead(announce.ahead(event - 1, predictor.predict(event - 1, TOKENS, inputs.embedded(ev), None),
@@ -259,14 +259,13 @@ class _Inputs:
     """What the runtime hands a learned predictor, from the workload: an event's MoE input [T, H] and its
     tokens' embeddings [T, H], in float32 (traces store float16)."""
 
-    def __init__(self, workload: Workload):
+    def __init__(self, workload: Workload, predictor):
         if workload.hidden is None:
             raise UserError("the learned predictor reads hidden states: record the trace with --hidden")
         self.workload = workload
         self.position = {layer: i for i, layer in enumerate(workload.layers)}
-
-    def sees_tokens(self, predictor) -> bool:
-        return getattr(predictor, "sees_tokens", False) and self.workload.embedded is not None
+        # called with the token embeddings before each forward's first MoE layer, as the runtime calls it
+        self.sees_tokens = getattr(predictor, "sees_tokens", False) and workload.embedded is not None
 
     def hidden(self, ev: Event) -> torch.Tensor:
         return torch.from_numpy(self.workload.hidden[ev.first:ev.first + ev.tokens, self.position[ev.layer]]).float()

@@ -295,9 +295,12 @@ def test_a_recorded_generation_is_the_workload_the_engine_ran(checkpoint):
     with --prefill = the prompt's length, reactive LRU hits, loads and evicts exactly as the engine did when
     it generated from that prompt (bench's workload, replayed)."""
     model_dir = checkpoint("qwen3_moe")
+    progress = []
     with activemoe.load(model_dir, EngineConfig.tiny(num_slots=24)) as eng:
-        trace = eng.record_trace([PROMPT], keep_hidden=True, new_tokens=9)
+        trace = eng.record_trace([PROMPT], keep_hidden=True, new_tokens=9,
+                                 on_progress=lambda done, total: progress.append((done, total)))
     workload = from_trace(trace, "recorded in test")
+    assert progress == [(1, 1)]
     assert workload.num_tokens == len(PROMPT) + 8 and workload.hidden.shape[:2] == (15, len(workload.layers))
     cache = CacheConfig(num_slots=5, policy="lru")
     with activemoe.load(model_dir, EngineConfig(cache=cache, link=LinkConfig(link_gbps=LINK_GBPS))) as eng:
