@@ -47,7 +47,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-first-layer-reserve", action="store_true",
                    help="with a predictor other than oracle: do not keep slots for the first MoE layer's experts "
                         "(no prediction reaches a token's first layer, so by default speculative and other loads "
-                        "leave up to slots - (lookahead + 1) x budget of its recently used experts alone)")
+                        "leave up to min(slots - (lookahead + 1) x budget, slots / MoE layers) of its recently "
+                        "used experts alone)")
     p.add_argument("--predictor-file", help="learned heads for --predictor learned (default: the model "
                                             "directory's activemoe-predictor.safetensors)")
     p.add_argument("--link-gbps", type=float,

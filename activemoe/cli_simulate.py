@@ -45,6 +45,8 @@ def add_parser(sub) -> None:
                    help="virtual microseconds charged per predictor call, e.g. its measured cost on the machine "
                         "the profile describes (default 0: the cost model has no predictor)")
     p.add_argument("--lookahead", help="MoE layers ahead to prefetch; a list sweeps (default 1)")
+    p.add_argument("--no-first-layer-reserve", action="store_true",
+                   help="as generate's: keep no slots for the first MoE layer's experts")
     p.add_argument("--sweep", help="dimensions to sweep over default ranges: cache,policy,predictor,lookahead")
     from activemoe.cli_tools import add_issue_window_flag  # cli_tools imports this module
 
@@ -133,11 +135,11 @@ def _configs(args, workload) -> list:
         raise UserError("--predict-us must not be negative")
     if not 0 <= args.prefill < workload.num_tokens:
         raise UserError(f"--prefill must lie in 0..{workload.num_tokens - 1} (the trace has {workload.num_tokens} tokens)")
-    out = []
+    out, reserve = [], not args.no_first_layer_reserve
     for slots, policy, (pred, recall), lookahead in itertools.product(caches, policies, predictors, lookaheads):
         if pred == "none" and len(lookaheads) > 1 and lookahead != lookaheads[0]:
             continue  # lookahead does not matter without a predictor
-        out.append(SimConfig(CacheConfig(num_slots=slots, policy=policy),
+        out.append(SimConfig(CacheConfig(num_slots=slots, policy=policy, first_layer_reserve=reserve),
                              PrefetchConfig(predictor=pred, lookahead=lookahead, issue_window=args.issue_window),
                              prefill_tokens=args.prefill, oracle_recall=recall, predict_s=args.predict_us * 1e-6))
     return out

@@ -537,7 +537,8 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
     model.get_input_embeddings().register_forward_hook(lambda _module, _args, out: runtime.tokens(out))
     if config.cache.first_layer_reserve and prefetch.predictor not in ("none", "oracle") and config.routing == "exact":
-        loader.core.reserve_for(store.layers[0], first_layer_reserve(num_slots, prefetch.lookahead, per_target))
+        loader.core.reserve_for(store.layers[0], first_layer_reserve(num_slots, prefetch.lookahead, per_target,
+                                                                     len(store.layers)))
     replay = None
     if config.replay_routing:
         replay = ReplayRouting(load_trace(config.replay_routing), store.layers, store.num_experts, top_k)

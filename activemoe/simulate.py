@@ -188,7 +188,8 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
     announce = Announcer(p.budget or workload.top_k)  # as the engine's runtime
     if config.cache.first_layer_reserve and p.predictor not in ("none", "oracle"):  # as the engine (the oracle
         # crosses tokens)
-        core.reserve_for(workload.layers[0], first_layer_reserve(slots, p.lookahead, announce.budget))
+        reserve = first_layer_reserve(slots, p.lookahead, announce.budget, len(workload.layers))
+        core.reserve_for(workload.layers[0], reserve)
     if slots >= len(workload.layers) * workload.num_experts:  # as the engine: everything fits, loaded at start
         core.fill([ExpertId(layer, e) for layer in workload.layers for e in range(workload.num_experts)],
                   copy=lambda eid, slot: None)

@@ -104,9 +104,11 @@ def _resident(c, eids):
         c.release(got[1])
 
 
-def test_first_layer_reserve_leaves_what_the_prefetch_pipeline_needs():
-    assert first_layer_reserve(16, lookahead=3, budget=2) == 8
-    assert first_layer_reserve(6, lookahead=3, budget=2) == 0
+def test_first_layer_reserve_leaves_what_the_prefetch_pipeline_needs_and_at_most_an_even_share():
+    assert first_layer_reserve(16, lookahead=3, budget=2, num_layers=2) == 8
+    assert first_layer_reserve(6, lookahead=3, budget=2, num_layers=2) == 0
+    assert first_layer_reserve(16, lookahead=1, budget=2, num_layers=4) == 4  # 12 would starve the other layers
+    assert first_layer_reserve(256, lookahead=3, budget=8, num_layers=16) == 16  # OLMoE-1B-7B at 25%: not 224
 
 
 def test_other_layers_loads_leave_the_reserved_layers_recent_experts_alone():

@@ -339,6 +339,11 @@ def test_simulate_cli_learned(capsys, checkpoint, tmp_path):
     rows = json.loads(lines[-1])["rows"]
     assert [r["config"] for r in rows] == ["6 slots lru learned L1", "6 slots lru learned L2"]
     assert all(r["recall"]["1"] > 0 and r["speculative"] > 0 for r in rows)
+    rc, out, err = run(capsys, *base, "--trace", str(paths["hidden"]), "--predictor-file", str(paths["heads"]),
+                       "--predict-us", "50", "--no-first-layer-reserve", "--json")
+    assert rc == 0, err
+    unreserved = json.loads(out)["rows"]  # the first layer's experts no longer held back: other victims
+    assert [r["evictions"] for r in unreserved] != [r["evictions"] for r in rows], (unreserved, rows)
     assert_user_error(capsys, [*base, "--trace", str(paths["bare"]), "--predictor-file", str(paths["heads"])],
                       "recorded with --hidden")
     assert_user_error(capsys, [*base, "--trace", str(paths["hidden"])], "needs --predictor-file")
