@@ -122,9 +122,18 @@ def _vs_reactive_and_ttft(row: dict, reactive: dict[tuple[int, int], float]) -> 
     return f"{ratio} | {row['ttft_s'] * 1e3:.0f}{floor}"
 
 
+def _check_command(command: str, rows: list[dict], name: str) -> None:
+    """The caption's --baselines and --prompt-lengths must be what the result holds."""
+    for flag, key in (("--baselines", "baseline"), ("--prompt-lengths", "prompt_tokens")):
+        given = re.search(rf"{flag} (\S+)", command)
+        if given and given.group(1).split(",") != list(dict.fromkeys(str(row[key]) for row in rows)):
+            raise SystemExit(f"{name}: the caption's {flag} {given.group(1)} is not what the result holds")
+
+
 def bench_table(name: str, command: str) -> str:
     """An `activemoe bench` result (bench.json in a results folder) as a table."""
     r = _load(name)
+    _check_command(command, r["rows"], name)
     if r["runs"] != 3:  # not the default
         command += f" --runs {r['runs']}"
     interleaved = r.get("interleaved", False)
@@ -259,7 +268,7 @@ def section() -> str:
                       "learned+lfru@3 --prompt-lengths 128,256,512 --out bench/results/bench_lfru_cpu"),
              optional(bench_table, "bench_headline_cpu/bench.json",
                       "activemoe bench --model activemoe/assets/tiny-moe --baselines reactive,learned+lfru@2,learned+lfru@3,"
-                      "oracle+belady@3 --prompt-lengths 128,256,512 --out bench/results/bench_headline_cpu"),
+                      "oracle+belady@3 --prompt-lengths 16,128,256,512 --out bench/results/bench_headline_cpu"),
              optional(compare), optional(resident), optional(cuda_chunks), gpu_suites()]
     intro = (f"All figures below are **measured** on {machines()}, one torch thread (wall clock; load memory as peak "
              "RSS), except the tables at the end, which name their GPU machine; emulated-link runs name the link speed. "
