@@ -56,8 +56,8 @@ def main() -> None:
         for name, runner in runners.items():
             runs = results[name]
             speeds = [r.decode_tok_s for r in runs]
-            rows.append(dict(link_gbps=link, prompt_tokens=prompt_tokens, config=name, decode_tok_s=statistics.median(speeds),
-                             min=min(speeds), max=max(speeds),
+            rows.append(dict(link_gbps=link, prompt_tokens=prompt_tokens, config=name,
+                             decode_tok_s=statistics.median(speeds), min=min(speeds), max=max(speeds),
                              hit_rate=statistics.median(r.hit_rate for r in runs),
                              bytes_per_token=statistics.median(r.decode_bytes_per_token for r in runs)))
             runner.close()
