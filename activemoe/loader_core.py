@@ -17,9 +17,9 @@ def first_layer_reserve(num_slots: int, lookahead: int, budget: int, num_layers:
     ahead within a token never names (the cache is their only defence): all but what the prefetch
     pipeline needs in flight, `budget` experts for each of the current and `lookahead` next layers, and
     never more than the layer's even share of the slots. Uncapped, the first layer could hoard all but
-    (lookahead + 1) x budget slots and the other layers thrashed: simulated on the bundled model's bench workloads (learned
-    heads, lookahead 3, 0.25 GB/s), learned + LFRU fell to 0.85x reactive LRU after a 16-token prompt
-    at a 25% cache (1.06x capped), and to 1.27x from 1.47x after a 512-token one at 50%."""
+    (lookahead + 1) x budget slots and the other layers thrashed: simulated on the bundled model's bench
+    workloads (learned heads, lookahead 3, 0.25 GB/s), learned + LFRU fell to 0.85x reactive LRU after a
+    16-token prompt at a 25% cache (1.06x capped), and to 1.27x from 1.47x after a 512-token one at 50%."""
     return max(0, min(num_slots - (lookahead + 1) * budget, num_slots // max(1, num_layers)))
 
 

@@ -64,7 +64,8 @@ def main() -> None:
     print(f"first-layer reserve — measured wall clock, {machine_label()}, 1 torch "
           f"thread, {model.name}, cache {args.cache:.0%}, held-out prompts, "
           f"{args.new_tokens} new tokens, median of {args.runs} interleaved runs")
-    print(f"{'link GB/s':>9} {'prompt':>6} {'config':<32} {'tok/s':>7} {'min-max':>13} {'decode hit':>10} {'MB/token':>9}")
+    print(f"{'link GB/s':>9} {'prompt':>6} {'config':<32} {'tok/s':>7} {'min-max':>13} {'decode hit':>10} "
+          f"{'MB/token':>9}")
     for r in rows:
         print(f"{r['link_gbps']:>9.2f} {r['prompt_tokens']:>6} {r['config']:<32} {r['decode_tok_s']:>7.1f} "
               f"{r['min']:>6.1f}-{r['max']:<6.1f} {r['hit_rate']:>10.3f} {r['bytes_per_token'] / 1e6:>9.2f}")
