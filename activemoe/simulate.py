@@ -186,9 +186,8 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
     chunk_bytes = chunk_bytes or _chunk_plan(cost.expert_bytes, chunk_bytes_for(p.chunk_bytes, cost.link_gbps))
     core = LoaderCore(cache, PrefetchScheduler(p.issue_window), len(chunk_bytes))
     announce = Announcer(p.budget or workload.top_k)  # as the engine's runtime
-    if config.cache.first_layer_reserve and p.predictor not in ("none", "oracle"):  # as the engine (the oracle
-        # crosses tokens)
-        reserve = first_layer_reserve(slots, p.lookahead, announce.budget, len(workload.layers))
+    if config.cache.first_layer_reserve and p.predictor not in ("none", "oracle"):  # as the engine: the oracle
+        reserve = first_layer_reserve(slots, p.lookahead, announce.budget, len(workload.layers))  # crosses tokens
         core.reserve_for(workload.layers[0], reserve)
     if slots >= len(workload.layers) * workload.num_experts:  # as the engine: everything fits, loaded at start
         core.fill([ExpertId(layer, e) for layer in workload.layers for e in range(workload.num_experts)],
