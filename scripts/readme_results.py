@@ -188,21 +188,23 @@ def resident() -> str:
             f"{'yes' if r['same_tokens'] else 'NO'}.\n")
 
 
-def cuda_chunks() -> str:
-    """The copy-chunk comparison on a CUDA machine (its own conditions: the result names them)."""
-    r = json.loads((RESULTS / "cuda_chunks_h100.json").read_text())
+def cuda_step(name: str, title: str) -> str:
+    """A bench/cuda_step_profile.py comparison on a CUDA machine (its own conditions: the result names them)."""
+    r = json.loads((RESULTS / name).read_text())
     threads = sorted({int(k.rsplit("_", 1)[1]) for row in r["rows"] for k in row if k.startswith("tok_s_threads_")},
                      reverse=True)
-    lines = [f"Copy chunks on CUDA (`{r['command']}`; **measured** wall clock on one {r['device']}, torch "
+    grouped = any("grouped_hits" in row for row in r["rows"])
+    lines = [f"{title} (`{r['command']}`; **measured** wall clock on one {r['device']}, torch "
              f"{r['torch']}, at commit {r['commit']}; a random bf16 checkpoint at OLMoE-1B-7B's expert shape with "
              f"{r['layers']} of its 16 layers, routing replayed from the bundled model's trace, {r['cache']} cache, "
              f"{r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, one run per cell):\n",
-             "| configuration | chunk | chunks per expert | " + " | ".join(
+             "| configuration | chunk | chunks per expert | " + ("hits | " if grouped else "") + " | ".join(
                  f"tok/s, {n} thread{'s' if n > 1 else ''} | TTFT ms" for n in threads) + " |",
-             "|---|---|---|" + "---|---|" * len(threads)]
+             "|---|---|---|" + ("---|" if grouped else "") + "---|---|" * len(threads)]
     for row in r["rows"]:
         chunk = "1 MiB" if row["chunk_bytes"] == MiB else row["chunk_bytes"]
-        lines.append(f"| {row['config']} | {chunk} | {row['chunks_per_expert']} | " + " | ".join(
+        hits = ("grouped | " if row["grouped_hits"] else "one by one | ") if grouped else ""
+        lines.append(f"| {row['config']} | {chunk} | {row['chunks_per_expert']} | {hits}" + " | ".join(
             f"{row[f'tok_s_threads_{n}']:.1f} | {row[f'ttft_s_threads_{n}'] * 1e3:.0f}" for n in threads) + " |")
     return "\n".join(lines) + "\n"
 
@@ -217,11 +219,14 @@ def gpu_suites() -> str:
             continue
         partial = " **Partial**: the run stopped before its last baseline." if r.get("partial") else ""
         grouped = ", `--grouped-hits`" if r.get("grouped_hits") else ""
+        runs = (f"; {r['runs']} timed run{'s' if r['runs'] > 1 else ''} of {r['new_tokens']} new tokens after a warm-up"
+                if "runs" in r else "")
+        threads = f", {r['torch_threads']} torch thread{'s' if r['torch_threads'] > 1 else ''}" if "torch_threads" in r else ""
         lines = [f"GPU suite, {r['shape']} shape (`bench/results/{path.name}`; **measured** wall clock on one "
-                 f"{r['device']}{', torch ' + r['torch'] if r.get('torch') else ''}; a random {r['dtype']} checkpoint "
+                 f"{r['device']}{', torch ' + r['torch'] if r.get('torch') else ''}{threads}; a random {r['dtype']} checkpoint "
                  f"at the shape with {r['layers']} of its {r['real_layers']} layers; routing {r['routing']}; link "
                  f"{r['link']}{grouped}; the first baseline, {r['same_tokens_against']}, is the token reference; "
-                 f"{r['note']}).{partial}\n",
+                 f"{r['note']}{runs}).{partial}\n",
                  "| cache | baseline | prompt | decode tok/s | min-max | vs reactive | TTFT ms (floor) | decode hit "
                  "| link % | peak device GiB | same tokens |", "|---" * 11 + "|"]
         for cache, rows in r["rows"].items():
@@ -233,6 +238,12 @@ def gpu_suites() -> str:
                     f"{_vs_reactive_and_ttft(row, reactive)} | {_cell(row['hit_rate'], '.3f')} | {_cell(row['link_share'], '.0f', 100)} | "
                     f"{_cell(row['peak_device_bytes'], '.2f', 1 / 2**30)} | "
                     f"{'-' if row['same_tokens'] is None else 'yes' if row['same_tokens'] else 'NO'} |")
+        unsure = sorted({row["prompt_tokens"] for rows in r["rows"].values() for row in rows
+                         if row["baseline"] == r["same_tokens_against"] and row["same_tokens"] is False})
+        if unsure:
+            lines.append(f"\nAt {', '.join(map(str, unsure))} prompt tokens the reference's own timed runs disagreed "
+                         "with each other, so a NO there says nothing "
+                         "about ActiveMoE.")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
@@ -269,7 +280,8 @@ def section() -> str:
              optional(bench_table, "bench_headline_cpu/bench.json",
                       "activemoe bench --model activemoe/assets/tiny-moe --baselines reactive,learned+lfru@2,learned+lfru@3,"
                       "oracle+belady@3 --prompt-lengths 16,128,256,512 --out bench/results/bench_headline_cpu"),
-             optional(compare), optional(resident), optional(cuda_chunks), gpu_suites()]
+             optional(compare), optional(resident), optional(cuda_step, "cuda_chunks_h100.json", "Copy chunks on CUDA"),
+             optional(cuda_step, "cuda_grouped_hits_h100.json", "Grouped hits on CUDA"), gpu_suites()]
     intro = (f"All figures below are **measured** on {machines()}, one torch thread (wall clock; load memory as peak "
              "RSS), except the tables at the end, which name their GPU machine; emulated-link runs name the link speed. "
              "This section is generated from `bench/results/*.json` by `scripts/readme_results.py`.\n")

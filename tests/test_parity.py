@@ -175,10 +175,11 @@ def test_engine_generate_stats_and_streaming(checkpoint):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("grouped_hits", [False, True])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_parity_cuda(family, checkpoint):
+def test_family_parity_cuda(family, grouped_hits, checkpoint):
     model_dir = checkpoint(family)
     ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to("cuda")
     ref = ref_model.generate(PROMPT.cuda(), **GEN)
-    eng = activemoe.load(model_dir, EngineConfig(device="cuda", cache=CacheConfig(num_slots=4)))
+    eng = activemoe.load(model_dir, EngineConfig(device="cuda", cache=CacheConfig(num_slots=4), grouped_hits=grouped_hits))
     _assert_parity(ref, eng.model.generate(PROMPT.cuda(), **GEN))
