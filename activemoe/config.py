@@ -79,9 +79,10 @@ class EngineConfig:
     precision: str = "native"  # expert copies in the host tier and on the link: native (exact), int8 or int4 (approximate)
     late_miss: str = "none"  # "int4" (approximate, opt-in): a late critical miss is computed from its int4 copy
     quant_cache_dir: str | None = None  # where quantised copies are cached; None: the model directory
-    grouped_hits: bool = False  # decode: the experts READY at a layer's start run as one grouped matmul per
-    #                             projection (a few kernel launches per layer, not a few per expert: for CUDA,
-    #                             where a decode step is bound by launching kernels); off: one expert at a time
+    grouped_hits: bool = False  # decode: the experts READY at a layer's start, and misses that land together,
+    #                             run as one grouped matmul per projection (a few kernel launches per layer, not a
+    #                             few per expert: for CUDA, where launching kernels bounds a decode step); off: one
+    #                             expert at a time
 
     @staticmethod
     def tiny(num_slots: int = 4, policy: str = "lru") -> EngineConfig:

@@ -98,6 +98,26 @@ class Loader:
                     self.cond.acquire()
                 idle = idle if more else None
 
+    def take_landed(self, pending: set[ExpertId]) -> list[tuple[ExpertId, int]]:
+        """Every pending expert already READY, pinned for the caller, in landing order; never waits."""
+        out: list[tuple[ExpertId, int]] = []
+        with self.cond:
+            rest = set(pending)
+            try:
+                while rest:
+                    got, requeued = self.core.take_ready(rest)
+                    if requeued:
+                        self._notify()
+                    if got is None:
+                        break
+                    out.append(got)
+                    rest.discard(got[0])
+            except BaseException:  # a failed load: the ones already pinned go back before it is raised
+                for _, slot in out:
+                    self.core.release(slot)
+                raise
+        return out
+
     def remaining_s(self, eid: ExpertId) -> float:
         """Link time until `eid` could be READY: its own remaining chunks plus critical work ahead."""
         with self.cond:

@@ -145,7 +145,8 @@ class ExpertRuntime:
                  experts_on: str = "device", miss_cost: MissCostModel | None = None, late_miss=None,
                  stream_prefill: bool = True, grouped_hits: bool = False):
         self.store, self.loader = store, loader
-        self.grouped_hits = grouped_hits  # decode: the experts READY at a layer's start in one grouped call
+        self.grouped_hits = grouped_hits  # decode: the experts READY together (at a layer's start, or landed
+        #                                   while the layer waited) in one grouped call
         self.late_miss = late_miss  # a compressed.Int4Substitute, or None
         self.stream_prefill = stream_prefill  # while the prompt runs, load all of the next MoE layer's experts
         self.predictor = predictor or NoPredictor()
@@ -251,7 +252,18 @@ class ExpertRuntime:
                         break
                 eid, slot = self.loader.wait_any(pending, self._idle if hasattr(self.predictor, "idle") else None)
                 pending.discard(eid)
-                self._run_slot(run, eid, slot)
+                landed = [(eid, slot)]
+                if self.grouped_hits and hidden.shape[0] == 1:  # misses that landed together: one grouped call
+                    try:
+                        landed += self.loader.take_landed(pending)
+                    except BaseException:
+                        self.loader.release(slot)
+                        raise
+                    pending.difference_update(e for e, _ in landed)
+                if len(landed) > 1:
+                    self._run_grouped(module, landed, hidden, flat, top_k_weights, parts)
+                else:
+                    self._run_slot(run, eid, slot)
         except BaseException:
             for _, slot in ready:
                 self.loader.release(slot)

@@ -1,5 +1,6 @@
 """The runtime: a failing expert read is a clear error and leaves it usable; long decodes; the compute dtype."""
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ from activemoe.errors import ExpertLoadError
 from activemoe.ids import ExpertId
 
 
-def test_failed_expert_read_is_reported_and_recoverable(checkpoint, monkeypatch):
-    eng = activemoe.load(checkpoint("qwen3_moe"), EngineConfig.tiny(num_slots=3))
+@pytest.mark.parametrize("grouped_hits", [False, True])  # with grouped hits a failure may surface in take_landed
+def test_failed_expert_read_is_reported_and_recoverable(checkpoint, monkeypatch, grouped_hits):
+    eng = activemoe.load(checkpoint("qwen3_moe"), replace(EngineConfig.tiny(num_slots=3), grouped_hits=grouped_hits))
     store = eng.runtime.store
     real_read = store.read
     calls = {"n": 0}
