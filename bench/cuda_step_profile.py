@@ -32,7 +32,7 @@ from activemoe.config import CacheConfig, EngineConfig, LinkConfig  # noqa: E402
 from activemoe.hardware import pinned_h2d_gbps  # noqa: E402
 from activemoe.tiny import build_tiny_checkpoint  # noqa: E402
 
-CONFIGS = ("reactive", "oracle+belady@2", "pregate+slru@2")
+CONFIGS = ("reactive", "oracle+belady@2", "history+lfru@3")  # replayed routing: see gpu_suite.BASELINES
 
 
 def expert_copy_gbps(runtime, device: torch.device, repeats: int = 20) -> float:
