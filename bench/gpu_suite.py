@@ -71,8 +71,8 @@ def provenance() -> dict:
                                 capture_output=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-            "commit": commit}
+    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "transformers": transformers.__version__, "commit": commit}
 
 
 def record_trace(path: Path, tokens: int) -> None:

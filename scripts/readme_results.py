@@ -221,9 +221,11 @@ def gpu_suites() -> str:
         grouped = ", `--grouped-hits`" if r.get("grouped_hits") else ""
         runs = (f"; {r['runs']} timed run{'s' if r['runs'] > 1 else ''} of {r['new_tokens']} new tokens after a warm-up"
                 if "runs" in r else "")
-        threads = f", {r['torch_threads']} torch thread{'s' if r['torch_threads'] > 1 else ''}" if "torch_threads" in r else ""
+        threads = (f", {r['torch_threads']} torch thread{'s' if r['torch_threads'] > 1 else ''}"
+                   if "torch_threads" in r else "")
         lines = [f"GPU suite, {r['shape']} shape (`bench/results/{path.name}`; **measured** wall clock on one "
-                 f"{r['device']}{', torch ' + r['torch'] if r.get('torch') else ''}{threads}; a random {r['dtype']} checkpoint "
+                 f"{r['device']}{', torch ' + r['torch'] if r.get('torch') else ''}{threads}; a random {r['dtype']} "
+                 f"checkpoint "
                  f"at the shape with {r['layers']} of its {r['real_layers']} layers; routing {r['routing']}; link "
                  f"{r['link']}{grouped}; the first baseline, {r['same_tokens_against']}, is the token reference; "
                  f"{r['note']}{runs}).{partial}\n",
@@ -242,8 +244,7 @@ def gpu_suites() -> str:
                          if row["baseline"] == r["same_tokens_against"] and row["same_tokens"] is False})
         if unsure:
             lines.append(f"\nAt {', '.join(map(str, unsure))} prompt tokens the reference's own timed runs disagreed "
-                         "with each other, so a NO there says nothing "
-                         "about ActiveMoE.")
+                         "with each other, so a NO there says nothing about ActiveMoE.")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 

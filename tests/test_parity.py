@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import activemoe
-from activemoe.config import CacheConfig, EngineConfig
 from activemoe.cache_meta import SlotState
+from activemoe.config import CacheConfig, EngineConfig
 from activemoe.errors import UserError
 from activemoe.loader import Loader
 from activemoe.runtime import ExpertRuntime
@@ -216,5 +216,6 @@ def test_family_parity_cuda(family, grouped_hits, checkpoint):
     model_dir = checkpoint(family)
     ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to("cuda")
     ref = ref_model.generate(PROMPT.cuda(), **GEN)
-    eng = activemoe.load(model_dir, EngineConfig(device="cuda", cache=CacheConfig(num_slots=4), grouped_hits=grouped_hits))
+    eng = activemoe.load(model_dir, EngineConfig(device="cuda", cache=CacheConfig(num_slots=4),
+                                                 grouped_hits=grouped_hits))
     _assert_parity(ref, eng.model.generate(PROMPT.cuda(), **GEN))
