@@ -37,10 +37,15 @@ class ReplayRouting:
         """A new generation replays from the trace's start."""
         self.cursor = dict.fromkeys(self.cursor, 0)
 
-    def routing(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next `tokens` rows of `layer`: ([T, K] ids, [T, K] weights)."""
+    def routing(self, layer: int, tokens: int, device: torch.device | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next `tokens` rows of `layer`: ([T, K] ids, [T, K] weights), on `device` (default: where they are).
+        A layer's tables move to the device at its first use, so a step copies nothing from the host: on
+        CUDA a blocking host-to-device copy makes the host wait for all the work queued before it."""
+        if device is not None and self.index[layer].device != device:
+            self.index[layer], self.weights[layer] = self.index[layer].to(device), self.weights[layer].to(device)
         table = self.index[layer]
-        rows = (torch.arange(tokens) + self.cursor[layer]) % table.shape[0]  # [T]
+        rows = (torch.arange(tokens, device=table.device) + self.cursor[layer]) % table.shape[0]  # [T]
         self.cursor[layer] += tokens
         return table[rows], self.weights[layer][rows]
 
@@ -52,8 +57,8 @@ class ReplayRouting:
     def _hook(self, layer: int):
         def swap(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            index, weights = self.routing(layer, hidden.shape[0])
-            return (hidden, index.to(hidden.device), weights.to(hidden.device, hidden.dtype)), {}
+            index, weights = self.routing(layer, hidden.shape[0], hidden.device)
+            return (hidden, index, weights.to(hidden.dtype)), {}
         return swap
 
 

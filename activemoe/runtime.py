@@ -129,7 +129,7 @@ def grouped_slots(module: torch.nn.Module, buffers: dict[str, torch.Tensor], slo
     for s in slots:
         chosen[s] = 1
     # group g's rows end at offs[g] (one row per chosen slot at or before g); one host-to-device copy [r + S]
-    offs = torch.tensor(slots + list(itertools.accumulate(chosen)), dtype=torch.int32).to(x.device)
+    offs = _on_device(slots + list(itertools.accumulate(chosen)), torch.int32, x.device)
     index, offs = offs[:r].long(), offs[r:]
     rows = x.expand(r, x.shape[-1]).contiguous()  # [r, H]
     up_name = "gate_up_proj" if module.has_gate else "up_proj"
@@ -345,7 +345,8 @@ class ExpertRuntime:
             y = grouped_slots(module, slab.buffers, [slot for _, slot in ready], hidden.to(slab.device))  # [r, H]
             ks = [flat.index(eid.expert) for eid, _ in ready]
             y = y if y.device == top_k_weights.device else y.to(top_k_weights.device)
-            weighted = y * top_k_weights[0, ks, None]  # [r, H], as each expert's [1, H] times its [1, 1] weight
+            weights = top_k_weights[0, _on_device(ks, torch.long, top_k_weights.device), None]  # [r, 1]
+            weighted = y * weights  # [r, H], as each expert's [1, H] times its [1, 1] weight
             for row, k in enumerate(ks):
                 parts[k] = weighted[row:row + 1]
         finally:
@@ -365,6 +366,14 @@ class ExpertRuntime:
         device = next(iter(w.values())).device
         y = expert_forward(module, w, hidden[token].to(device)).to(hidden.device)  # [t, H]
         parts[token, k] = (y * top_k_weights[token, k, None]).to(parts.dtype)
+
+
+def _on_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on `device`. On CUDA through pinned memory without blocking: a blocking
+    copy from pageable memory makes the host wait for all the GPU work queued before it."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _total(parts: list[torch.Tensor] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
