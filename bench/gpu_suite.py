@@ -71,8 +71,7 @@ def provenance() -> dict:
                                 capture_output=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "transformers": transformers.__version__, "commit": commit}
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "commit": commit}
 
 
 def record_trace(path: Path, tokens: int) -> None:
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                       "note": f"{' and '.join(WHOLE_MODEL)} hold no slots: they run at the 25% cache only",
                       "checkpoint_build_s": built_s, "shape_config": shape, "baselines": list(baselines),
                       "same_tokens_against": baselines[0], "grouped_hits": args.grouped_hits, "runs": config.runs,
-                      "new_tokens": config.new_tokens, **provenance(),
+                      "new_tokens": config.new_tokens, "torch_threads": torch.get_num_threads(), **provenance(),
                       "rows": rows}
             part = "" if baselines == BASELINES else "_" + "-".join(re.sub(r"[+@]", "_", b) for b in baselines)
             part += "_grouped" if args.grouped_hits else ""
