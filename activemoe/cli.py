@@ -115,11 +115,12 @@ def cmd_generate(args) -> int:
             printed[0] = text
 
     out = eng.generate(ids, args.max_new_tokens, sampling, on_token=None if args.json else on_token)
+    from activemoe.quant import approximate
     stats = {**{k: v for k, v in asdict(out.stats).items() if k != "per_token_s"}, "num_slots": eng.load_stats.num_slots, "total_experts": eng.load_stats.total_experts,
              "device": str(eng.device), "link_gbps": args.link_gbps, "measured": "wall clock",
              "routing": ("replayed from " + args.replay_routing if args.replay_routing else args.routing)
              + (" (approximate)" if args.routing != "exact" or args.replay_routing else ""),
-             "precision": args.precision + (" (approximate)" if args.precision != "native" else ""),
+             "precision": args.precision + (" (approximate)" if approximate(args.precision) else ""),
              "late_miss": args.late_miss + (" (approximate)" if args.late_miss != "none" else "")}
     eng.close()
     if args.json:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from activemoe.config import CacheConfig, PrefetchConfig
 from activemoe.errors import UserError
@@ -258,6 +258,7 @@ def plan_estimate(args, shape, num_slots: int) -> dict | None:
         cost = roofline(hardware_preset(args.hardware), f"{args.hardware}/{args.model}/{args.dtype}",
                         shape.expert_bytes, shape.expert_bytes / shape.dtype_bytes, per_layer,
                         per_layer / shape.dtype_bytes, f"shape of {args.model}")
+        cost = replace(cost, expert_bytes=shape.link_bytes)  # what the link carries (MXFP4 checkpoints: MXFP4)
     else:
         cost = from_profile(args.profile)
     workload = synthetic(SyntheticSpec.parse(args.synthetic), shape.moe_layers,

@@ -83,10 +83,12 @@ def memory_cache(args, slot_fraction: float, **cache) -> CacheConfig:
 
 def add_precision_flags(p) -> None:
     """--precision and --quant-cache, shared by generate, perplexity and the benchmarks' parsers."""
-    p.add_argument("--precision", default="native", metavar="{native,int8,int4}",
-                   help="expert copies in the host tier and on the link: native (default, exact), or int8 (per "
-                        "output channel) / int4 (grouped): APPROXIMATE, opt-in — fewer bytes moved, dequantised "
-                        "into full-precision slots; quality cost: `activemoe perplexity --precision`")
+    p.add_argument("--precision", default="native", metavar="{native,mxfp4,int8,int4}",
+                   help="expert copies in the host tier and on the link: native (default, exact: the compute "
+                        "dtype); mxfp4 (exact, MXFP4 checkpoints such as GPT-OSS: their own 4.25-bit experts, "
+                        "about 3.8x fewer bytes than bfloat16, dequantised into the slots); or int8 (per output "
+                        "channel) / int4 (grouped): APPROXIMATE, opt-in — fewer bytes moved, dequantised into "
+                        "full-precision slots; quality cost: `activemoe perplexity --precision`")
     p.add_argument("--quant-cache", metavar="DIR", help="directory for the quantised copies (default: the model directory; "
                                          "built once, rebuilt when stale or corrupt)")
 
@@ -116,6 +118,9 @@ def _add_plan(sub) -> None:
     p.add_argument("--gpu-memory", required=True, help="e.g. 12GiB")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--device", default="cuda", help="cuda (reserves 256 MiB workspace) or cpu")
+    p.add_argument("--precision", default="native", choices=("native", "mxfp4"),
+                   help="mxfp4: the host tier and the link hold an MXFP4 checkpoint's own experts (as generate "
+                        "--precision mxfp4); the slots hold the compute dtype either way")
     add_dtype_flag(p)
     cli_simulate.add_estimate_flags(p)
 
@@ -125,14 +130,14 @@ def cmd_plan(args) -> int:
 
     from activemoe.engine import checkpoint_dtype_name, memory_plan, model_shape
 
-    config = EngineConfig(device=args.device, dtype=args.dtype,
+    config = EngineConfig(device=args.device, dtype=args.dtype, precision=args.precision,
                           cache=CacheConfig(device_memory_bytes=parse_size(args.gpu_memory), context_tokens=args.context))
     result = memory_plan(args.model, config)
     args.dtype = checkpoint_dtype_name(args.model, args.dtype)  # names the estimate's cost model
     print(f"memory plan for {args.model} ({args.dtype}, {args.device}):")
     for name, value in result.rows():
         print(f"  {name:<34} {value}")
-    estimate = cli_simulate.plan_estimate(args, model_shape(args.model, args.dtype), result.num_slots)
+    estimate = cli_simulate.plan_estimate(args, model_shape(args.model, args.dtype, args.precision), result.num_slots)
     if estimate:
         print(estimate.pop("line"))
     print(json.dumps({**asdict(result), **({"estimate": estimate} if estimate else {})}))
@@ -184,7 +189,7 @@ def cmd_profile(args) -> int:
 
 def cmd_perplexity(args) -> int:
 
-    from activemoe import engine
+    from activemoe import engine, quant
 
     if args.max_tokens < 2 or args.seq_len < 2:
         raise UserError("--max-tokens and --seq-len must be at least 2")
@@ -198,7 +203,7 @@ def cmd_perplexity(args) -> int:
     dtype = engine.checkpoint_dtype_name(args.model, args.dtype)
     print(json.dumps({"model": args.model, "routing": args.routing, "precision": args.precision, "dtype": dtype,
                       "perplexity": ppl, "tokens": tokens, "num_slots": slots, "store": args.store,
-                      "approximate": args.routing != "exact" or args.precision != "native"}))
+                      "approximate": args.routing != "exact" or quant.approximate(args.precision)}))
     return 0
 
 

@@ -14,7 +14,7 @@ import torch
 
 from activemoe import quant
 from activemoe.ids import ExpertId
-from activemoe.pinned import pinned_copy
+from activemoe.pinned import pinned_copy, pinned_empty
 from activemoe.slots import EmulatedLink
 from activemoe.store import ExpertStore
 
@@ -50,18 +50,19 @@ class CompressedExpert(Mapping):
 
 
 class CompressedStore:
-    """Every routed expert in int8 or int4, in host RAM ([N, ...] per part, pinned for CUDA); the
-    interface of ExpertStore's RAM tier as the loader, runtime and profiler use it."""
+    """Every routed expert in int8 or int4 (approximate), or in the checkpoint's own MXFP4 (exact), in host
+    RAM ([N, ...] per part, pinned for CUDA); the interface of ExpertStore's RAM tier as the loader, runtime
+    and profiler use it."""
 
     tier = "ram"
 
-    def __init__(self, base: ExpertStore, tensors: dict[str, torch.Tensor], precision: str):
+    def __init__(self, base: ExpertStore, tensors: dict[str, torch.Tensor], precision: str, pinned: bool = False):
         self.base, self.precision = base, precision
         self.index, self.layers, self.spec = base.index, base.layers, base.spec
         self.dtype, self.pin = base.dtype, base.pin
         self.layout = quant.Layout(base.spec, precision)
         self.host: dict = {}  # no full-precision host copies: host compute goes expert by expert through read()
-        self.tensors = {k: pinned_copy(t) if base.pin else t for k, t in tensors.items()}  # [N, ...]
+        self.tensors = {k: pinned_copy(t) if base.pin and not pinned else t for k, t in tensors.items()}  # [N, ...]
         self.expert_bytes = quant.compressed_bytes(self.tensors)
         self._row = {layer: i for i, layer in enumerate(self.layers)}
 
@@ -69,6 +70,24 @@ class CompressedStore:
     def open(cls, base: ExpertStore, model_dir: Path, precision: str, cache_dir=None,
              on_progress: Callable[[int, int], None] | None = None) -> CompressedStore:
         return cls(base, quant.load_or_build(base, model_dir, precision, cache_dir, on_progress), precision)
+
+    @classmethod
+    def mxfp4(cls, base: ExpertStore, on_progress: Callable[[int, int], None] | None = None) -> CompressedStore:
+        """The host tier of a checkpoint whose experts are MXFP4 (base.mxfp4): its codes and exponents as
+        stored, about 4.25 bits a weight in RAM and on the link, dequantised into the slots (exact)."""
+        eids = base.experts()
+        tensors: dict[str, torch.Tensor] = {}
+        for row, eid in enumerate(eids):  # layer-major, expert-minor: row = layer row * E + expert
+            for name, parts in base.read_packed(eid).items():
+                for part, t in parts.items():
+                    key = f"{name}.{part}"
+                    if key not in tensors:  # [N, ...], page-locked in place for CUDA
+                        shape = (len(eids), *t.shape)
+                        tensors[key] = pinned_empty(shape, t.dtype) if base.pin else torch.empty(shape, dtype=t.dtype)
+                    tensors[key][row] = t
+            if on_progress:
+                on_progress(row + 1, len(eids))
+        return cls(base, tensors, "mxfp4", pinned=True)
 
     @property
     def num_experts(self) -> int:

@@ -385,9 +385,10 @@ def check_context(hf_config, prompt_tokens: int, new_tokens: int) -> None:
                         f"{limit} positions (max_position_embeddings); generate fewer tokens")
 
 
-def model_shape(model_dir: str | Path, dtype_name: str = "auto") -> ModelShape:
+def model_shape(model_dir: str | Path, dtype_name: str = "auto", precision: str = "native") -> ModelShape:
     """The planner's view of a checkpoint: the model built on the meta device (no memory), experts
-    stripped as the loader strips them, so resident bytes and expert shapes are exact."""
+    stripped as the loader strips them, so resident bytes and expert shapes are exact. With precision
+    mxfp4 the host tier and the link hold the checkpoint's MXFP4 bytes."""
     model_dir = model_dir_of(model_dir)
     hf_config = _config(model_dir)
     dtype = compute_dtype(hf_config, dtype_name)
@@ -402,21 +403,26 @@ def model_shape(model_dir: str | Path, dtype_name: str = "auto") -> ModelShape:
     resident = sum(p.numel() for p in model.parameters()) * dtype.itemsize + sum(
         b.numel() * b.element_size() for b in model.buffers() if id(b) not in tied)
     expert_bytes = sum(math.prod(s) for s in spec.shapes.values()) * dtype.itemsize
+    host_expert_bytes = None
+    if precision == "mxfp4":
+        store = ExpertStore(CheckpointIndex(model_dir), {layer: spec for layer in experts}, dtype, pin=False)
+        host_expert_bytes = store.packed_bytes() if store.mxfp4 else None
     return ModelShape(resident_bytes=resident, expert_bytes=expert_bytes, total_experts=len(experts) * spec.num_experts,
                       top_k=top_k_of(hf_config), kv_bytes_per_token=kv_bytes_per_token(hf_config, dtype.itemsize),
                       hidden_size=hf_config.hidden_size, vocab_size=hf_config.vocab_size, dtype_bytes=dtype.itemsize,
-                      moe_layers=len(experts))
+                      moe_layers=len(experts), host_expert_bytes=host_expert_bytes)
 
 
 def memory_plan(model_dir: str | Path, config: EngineConfig) -> MemoryPlan:
     workspace = 256 * 2**20 if config.device.startswith("cuda") else 0  # allocator and cuBLAS workspace
-    return plan(model_shape(model_dir, config.dtype), config.cache.device_memory_bytes,
+    return plan(model_shape(model_dir, config.dtype, config.precision), config.cache.device_memory_bytes,
                 config.cache.context_tokens, workspace_bytes=workspace)
 
 
 def _config(model_dir: Path):
-    """The checkpoint's config. MXFP4 experts (GPT-OSS) are dequantised by the store as they are read, so
-    their quantization config is dropped: transformers would otherwise swap in its own experts class."""
+    """The checkpoint's config. MXFP4 experts (GPT-OSS) are read by the store (dequantised as they are read,
+    or kept MXFP4 with --precision mxfp4), so their quantization config is dropped: transformers would
+    otherwise swap in its own experts class."""
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (ValueError, OSError) as e:
@@ -503,16 +509,20 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
         measured = config.link.measured_gbps or pinned_h2d_gbps(device)
     prefetch, link = config.prefetch, EmulatedLink(config.link.link_gbps, measured)
     chunk_bytes = chunk_bytes_for(prefetch.chunk_bytes, config.link.link_gbps or measured)
+    if config.precision == "mxfp4" and not store.mxfp4:
+        raise UserError(f"--precision mxfp4 keeps a checkpoint's own MXFP4 experts (GPT-OSS as released) as MXFP4; "
+                        f"{model_dir} does not store its experts in MXFP4")
     if config.precision == "native":
         store.preload(on_progress)
         slab = SlotSlab(num_slots, store.spec.shapes, dtype, device, link, chunk_bytes)
-    else:  # approximate: compressed host copies, dequantised into full-precision slots
-        store = CompressedStore.open(store, model_dir, config.precision, config.quant_cache_dir, on_progress)
+    else:  # compressed host copies (the checkpoint's MXFP4: exact; int8/int4: approximate), dequantised into slots
+        store = (CompressedStore.mxfp4(store, on_progress) if config.precision == "mxfp4" else
+                 CompressedStore.open(store, model_dir, config.precision, config.quant_cache_dir, on_progress))
         slab = CompressedSlab(num_slots, store.spec.shapes, dtype, device, store.part_shapes(),
                               store.layout.decode_into, link, chunk_bytes)
     late_miss = None
     if config.late_miss == "int4":
-        int4 = CompressedStore.open(store.base if config.precision != "native" else store, model_dir, "int4",
+        int4 = CompressedStore.open(store.base if isinstance(store, CompressedStore) else store, model_dir, "int4",
                                     config.quant_cache_dir, on_progress)
         late_miss = Int4Substitute(int4, link, device)
     loader = Loader(store, slab, ExpertCache(num_slots, policy), PrefetchScheduler(prefetch.issue_window))

@@ -24,6 +24,12 @@ class ModelShape:
     vocab_size: int
     dtype_bytes: int
     moe_layers: int = 1  # decoder layers with routed experts (total_experts / moe_layers per layer)
+    host_expert_bytes: int | None = None  # one expert in the host tier and on the link, where that is not
+    #                                       expert_bytes (MXFP4 checkpoints keep their MXFP4 there); None: the same
+
+    @property
+    def link_bytes(self) -> int:
+        return self.host_expert_bytes or self.expert_bytes
 
 
 @dataclass(frozen=True)
@@ -81,4 +87,4 @@ def plan(shape: ModelShape, budget_bytes: int, context_tokens: int = 4096, promp
     return MemoryPlan(budget_bytes=budget_bytes, resident_bytes=shape.resident_bytes, kv_bytes=kv,
                       activation_bytes=activations, workspace_bytes=workspace_bytes, num_slots=slots,
                       slot_bytes=slots * shape.expert_bytes,
-                      host_bytes=(shape.total_experts - slots) * shape.expert_bytes, context_tokens=context_tokens)
+                      host_bytes=(shape.total_experts - slots) * shape.link_bytes, context_tokens=context_tokens)

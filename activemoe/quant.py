@@ -1,4 +1,5 @@
-"""quant.py: int8 and int4 copies of the routed experts, and their cache file next to the model.
+"""quant.py: int8 and int4 copies of the routed experts, and their cache file next to the model; the
+decoder of a checkpoint's own MXFP4 experts (exact).
 
 Approximate, opt-in. int8 is symmetric per output channel (one fp16 scale per row); int4 is
 asymmetric, grouped along the input dim (fp16 scale and min per group of GROUP_SIZE), packed two per
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers.integrations.mxfp4 import FP4_VALUES
 
 from activemoe.atomic import save_safetensors_atomic
 from activemoe.errors import UserError
@@ -29,7 +31,9 @@ from activemoe.store import ExpertStore
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("native", "int8", "int4")  # native: the checkpoint's weights in the compute dtype (exact)
+PRECISIONS = ("native", "mxfp4", "int8", "int4")  # native: the checkpoint's weights in the compute dtype (exact);
+# mxfp4: a checkpoint's own MXFP4 experts kept as MXFP4 in RAM and on the link, dequantised into slots (exact)
+EXACT = ("native", "mxfp4")
 LATE_MISS = ("none", "int4")
 GROUP_SIZE = 64  # int4 group along the input dim (smaller where the input dim is not a multiple)
 FORMAT = "activemoe-quant-1"
@@ -84,7 +88,26 @@ class Raw:
         return parts["raw"].float()
 
 
-CODECS = {"int8": Int8(), "int4": Int4()}
+class Mxfp4:
+    """MXFP4 as GPT-OSS checkpoints store it (exact; decode only): per output channel, groups of 32 values
+    packed two 4-bit codes per byte (low nibble first), and one power-of-two exponent per group (biased by
+    127). The values are those of transformers' dequantiser (convert_moe_packed_tensors): the same code
+    table, scaled by ldexp. The table is kept per device, so decoding on the copy stream makes no host copy."""
+
+    def __init__(self):
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        blocks, scales = parts["blocks"], parts["scales"]  # [r, G, 16] uint8, [r, G] uint8
+        table = self._tables.get(blocks.device)
+        if table is None:
+            table = self._tables[blocks.device] = torch.tensor(FP4_VALUES, dtype=torch.float32).to(blocks.device)
+        codes = torch.stack((blocks & 15, blocks >> 4), dim=-1).reshape(*scales.shape, 32)  # [r, G, 32]
+        values = torch.ldexp(table[codes.long()], scales.int()[..., None] - 127)  # [r, G, 32]
+        return values.reshape(scales.shape[0], -1)  # [r, G*32]
+
+
+CODECS = {"int8": Int8(), "int4": Int4(), "mxfp4": Mxfp4()}
 
 
 def group_size(cols: int) -> int:
@@ -92,6 +115,10 @@ def group_size(cols: int) -> int:
     while cols % g:
         g //= 2
     return g
+
+
+def approximate(precision: str) -> bool:
+    return precision not in EXACT
 
 
 def check_precision(precision: str, late_miss: str = "none") -> None:
@@ -106,7 +133,8 @@ def check_precision(precision: str, late_miss: str = "none") -> None:
 
 class Layout:
     """How each expert tensor of a model is compressed: its codec, and whether it is stored transposed
-    (so that rows are output channels whatever the family's in-memory layout)."""
+    (so that rows are output channels whatever the family's in-memory layout). Precision "mxfp4" is
+    the checkpoint's own MXFP4 (ExpertStore.mxfp4), read as it is stored rather than encoded here."""
 
     def __init__(self, spec: ExpertsSpec, precision: str):
         self.precision = precision

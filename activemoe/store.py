@@ -172,6 +172,45 @@ class ExpertStore:
         except Exception as e:
             raise ExpertLoadError(f"cannot read layer {eid.layer} expert {eid.expert}: {e}") from e
 
+    @property
+    def mxfp4(self) -> bool:
+        """Every 2-d expert tensor is stored in MXFP4 (GPT-OSS as released)."""
+        first = self.sources[self.experts()[0]]
+        weights = [parts for name, parts in first.items() if len(self.spec.shapes[name]) == 2]
+        return bool(weights) and all(len(parts) == 1 and parts[0].mxfp4 for parts in weights)
+
+    def packed_bytes(self) -> int:
+        """Bytes of one expert as read_packed returns it, from the checkpoint's headers."""
+        total = 0
+        for parts in self.sources[self.experts()[0]].values():
+            for part in parts:
+                for key in (part.key + MXFP4, part.key + MXFP4_SCALES) if part.mxfp4 else (part.key,):
+                    info = self.index.tensors[key]
+                    shape = info.shape if part.index is None else info.shape[1:]
+                    total += math.prod(shape) * _DTYPES[info.dtype].itemsize
+        return total
+
+    def read_packed(self, eid: ExpertId) -> dict[str, dict[str, torch.Tensor]]:
+        """One expert as the checkpoint stores it (self.mxfp4): per tensor, its MXFP4 "blocks" [R, G, 16] and
+        "scales" [R, G] (R output channels), or a 1-d tensor as "raw"."""
+        try:
+            out = {}
+            for name, parts in self.sources[eid].items():
+                part, shape = parts[0], self.spec.shapes[name]
+                if not part.mxfp4:
+                    out[name] = {"raw": torch.cat([self.index.read(p) for p in parts])}
+                    continue
+                blocks = self.index.read(TensorPart(part.key + MXFP4, part.index))
+                scales = self.index.read(TensorPart(part.key + MXFP4_SCALES, part.index))
+                rows, cols = (shape[1], shape[0]) if self.spec.is_transposed else shape
+                if blocks.shape != (rows, cols // 32, 16) or scales.shape != blocks.shape[:2]:
+                    raise ValueError(f"{name} has MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)}, "
+                                     f"expected {(rows, cols // 32, 16)} and {(rows, cols // 32)}")
+                out[name] = {"blocks": blocks, "scales": scales}
+            return out
+        except Exception as e:
+            raise ExpertLoadError(f"cannot read layer {eid.layer} expert {eid.expert}: {e}") from e
+
     def read(self, eid: ExpertId) -> dict[str, torch.Tensor]:
         """One expert's host tensors: views into the RAM tier, or a fresh read from disk."""
         if self.tier == "disk":

@@ -1,5 +1,6 @@
 """The test that matters most: offloaded generation equals plain transformers, token for token."""
 import json
+import math
 import shutil
 import time
 
@@ -145,18 +146,36 @@ def test_grouped_hits_bfloat16_logits_are_bitwise_those_of_transformers(family, 
 
 def test_gpt_oss_mxfp4_experts_as_released(tmp_path):
     """GPT-OSS as OpenAI released it, experts in MXFP4 (packed codes and exponents): the store dequantises
-    each expert as it reads it, from RAM and from disk, and the bfloat16 logits are bit for bit those of
-    transformers, which dequantises every expert at load."""
+    each expert as it reads it, from RAM and from disk; with --precision mxfp4 the experts stay MXFP4 in RAM
+    and on the link and are dequantised into their slots, also where they run on the host. Every way the
+    bfloat16 logits are bit for bit those of transformers, which dequantises every expert at load."""
     model_dir = mxfp4_experts(build_tiny_checkpoint("gpt_oss", tmp_path, dtype=torch.bfloat16, expert_width=32))
     keys = CheckpointIndex(model_dir).keys
     assert "model.layers.0.mlp.experts.gate_up_proj_blocks" in keys and not [k for k in keys if k.endswith("_proj")]
     ref = AutoModelForCausalLM.from_pretrained(model_dir).generate(PROMPT, **GEN)
-    for store in ("ram", "disk"):
-        eng = activemoe.load(model_dir, EngineConfig(cache=CacheConfig(num_slots=4), store=store))
+    for store, precision, experts_on in (("ram", "native", "device"), ("disk", "native", "device"),
+                                         ("ram", "mxfp4", "device"), ("ram", "mxfp4", "host")):
+        eng = activemoe.load(model_dir, EngineConfig(cache=CacheConfig(num_slots=4), store=store, precision=precision,
+                                                     experts_on=experts_on))
         out = eng.model.generate(PROMPT, **GEN)
         assert torch.equal(ref.sequences, out.sequences)
         assert all(torch.equal(a, b) for a, b in zip(ref.logits, out.logits, strict=True))
+        store_ = eng.runtime.store
+        full = sum(math.prod(s) for s in store_.spec.shapes.values()) * 2  # one expert in bfloat16
+        if precision == "mxfp4":  # codes, exponents and the bfloat16 biases
+            assert store_.precision == "mxfp4" and store_.expert_bytes == store_.base.packed_bytes() < full / 3
+            loader = eng.runtime.loader
+            assert loader.slab.expert_bytes == store_.expert_bytes
+            if experts_on == "device":
+                assert loader.stats.bytes_moved == loader.cache.stats.loads * store_.expert_bytes > 0
+        else:
+            assert store_.expert_bytes == full
         eng.close()
+
+
+def test_precision_mxfp4_needs_mxfp4_experts(checkpoint):
+    with pytest.raises(UserError, match="does not store its experts in MXFP4"):
+        activemoe.load(checkpoint("qwen3_moe"), EngineConfig(cache=CacheConfig(num_slots=4), precision="mxfp4"))
 
 
 def test_other_quantized_checkpoints_are_refused(checkpoint, tmp_path):

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import activemoe
 from activemoe.cli import main
@@ -9,6 +10,7 @@ from activemoe.config import CacheConfig, EngineConfig
 from activemoe.engine import memory_plan, model_shape
 from activemoe.errors import UserError
 from activemoe.plan import ModelShape, plan
+from activemoe.tiny import build_tiny_checkpoint, mxfp4_experts
 from tests.test_cli import assert_user_error
 
 MiB = 2**20
@@ -34,6 +36,21 @@ def test_model_shape_matches_the_loaded_model(checkpoint):
         resident = sum(p.numel() * p.element_size() for p in eng.model.parameters())
         assert shape.expert_bytes == eng.load_stats.expert_bytes and shape.total_experts == eng.load_stats.total_experts
         assert resident <= shape.resident_bytes <= resident + sum(b.numel() * b.element_size() for b in eng.model.buffers())
+
+
+def test_model_shape_of_mxfp4_experts_counts_their_host_tier_as_mxfp4(tmp_path):
+    """GPT-OSS as released, --precision mxfp4: slots hold bfloat16 experts, the host tier and the link MXFP4."""
+    model_dir = mxfp4_experts(build_tiny_checkpoint("gpt_oss", tmp_path, dtype=torch.bfloat16, expert_width=32))
+    assert model_shape(model_dir).host_expert_bytes is None  # native: the host tier holds the compute dtype
+    shape = model_shape(model_dir, precision="mxfp4")
+    with activemoe.load(model_dir, EngineConfig(cache=CacheConfig(num_slots=4), precision="mxfp4")) as eng:
+        assert shape.expert_bytes * 4 == eng.load_stats.slab_bytes  # 4 bfloat16 slots
+        assert shape.host_expert_bytes == eng.runtime.store.expert_bytes == eng.load_stats.host_store_bytes // shape.total_experts
+    assert shape.host_expert_bytes < shape.expert_bytes / 3
+    p = plan(shape, 10 * 2**30)
+    assert p.num_slots == shape.total_experts and p.host_bytes == 0
+    p = plan(shape, p.fixed_bytes + 5 * shape.expert_bytes)
+    assert p.num_slots == 5 and p.host_bytes == (shape.total_experts - 5) * shape.host_expert_bytes
 
 
 def test_run_under_a_budget_stays_under_it(checkpoint):

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import activemoe
 from activemoe import quant
@@ -14,7 +15,7 @@ from activemoe.compressed import CompressedStore
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig
 from activemoe.errors import UserError
 from activemoe.slots import CompressedSlab
-from activemoe.tiny import build_tiny_checkpoint
+from activemoe.tiny import build_tiny_checkpoint, mxfp4_experts
 from tests.test_cli import assert_user_error, gen
 
 PROMPT = torch.tensor([[5, 17, 33, 8, 60, 41, 3]])
@@ -55,6 +56,19 @@ def test_int4_packing_layout():
     assert quant.group_size(8) == 8
     assert parts["q"].tolist() == [[0 | 15 << 4, 1 | 14 << 4, 7 | 8 << 4, 2 | 3 << 4]]  # even column in the low nibble
     assert torch.equal(quant.Int4().decode(parts), w)
+
+
+def test_mxfp4_decodes_as_transformers_does_row_range_by_row_range():
+    """The checkpoint's MXFP4 codes and exponents (every exponent, every code) decode to exactly the values
+    of transformers' dequantiser, and any row range decodes to those rows (the slab decodes chunk by chunk)."""
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (40, 3, 16), generator=g, dtype=torch.uint8)  # [R, G, 16]
+    scales = torch.linspace(0, 254, 120).round().to(torch.uint8).reshape(40, 3)  # [R, G]: 2**-127 to 2**127
+    full = convert_moe_packed_tensors(blocks[None], scales[None], dtype=torch.float32)[0].T  # [R, G*32]
+    decoded = quant.Mxfp4().decode({"blocks": blocks, "scales": scales})
+    assert decoded.shape == (40, 96) and torch.equal(decoded, full)
+    assert torch.isinf(decoded).any() and (decoded != 0).any()  # the extreme exponents are in the test
+    assert torch.equal(quant.Mxfp4().decode({"blocks": blocks[7:19], "scales": scales[7:19]}), full[7:19])
 
 
 def test_group_size_falls_back_to_a_divisor():
@@ -126,7 +140,8 @@ def test_read_only_model_dir_asks_for_a_cache_dir(model_dir, monkeypatch):
 
 def test_unknown_precision_names_are_clear_errors(capsys, checkpoint):
     model_dir = checkpoint("qwen3_moe")
-    assert_user_error(capsys, gen(model_dir, "--precision", "int3"), "unknown precision 'int3'", "native, int8, int4")
+    assert_user_error(capsys, gen(model_dir, "--precision", "int3"), "unknown precision 'int3'", "native, mxfp4, int8, int4")
+    assert_user_error(capsys, gen(model_dir, "--precision", "mxfp4"), "does not store its experts in MXFP4")
     assert_user_error(capsys, gen(model_dir, "--late-miss", "fp8"), "unknown --late-miss 'fp8'")
     assert_user_error(capsys, gen(model_dir, "--precision", "int4", "--late-miss", "int4"), "int4 already")
     assert_user_error(capsys, ["perplexity", "--model", str(model_dir), "--prompts", "x", "--precision", "INT8"],
@@ -162,6 +177,21 @@ def test_compressed_slab_dequantises_on_the_cuda_copy_stream(model_dir):
         weights = slab.acquire(0)
         for name, w in weights.items():
             torch.testing.assert_close(w.cpu(), expert[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mxfp4_host_tier_dequantises_on_the_cuda_copy_stream(tmp_path):
+    model_dir = mxfp4_experts(build_tiny_checkpoint("gpt_oss", tmp_path, dtype=torch.bfloat16, expert_width=32))
+    with activemoe.load(model_dir, EngineConfig(device="cuda", cache=CacheConfig(num_slots=4), precision="mxfp4")) as eng:
+        store = eng.runtime.store
+        assert store.precision == "mxfp4"
+        slab = CompressedSlab(2, store.spec.shapes, torch.bfloat16, torch.device("cuda"), store.part_shapes(),
+                              store.layout.decode_into, chunk_bytes=256)
+        expert = store.read(store.experts()[3])
+        for i in range(len(slab.chunks)):
+            slab.copy_chunk(0, expert, i)
+        for name, w in slab.acquire(0).items():
+            assert torch.equal(w.cpu(), expert[name])
 
 
 def _teacher_forced_logits(model_dir, sequence=None, **config):
