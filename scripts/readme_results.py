@@ -105,6 +105,26 @@ resident, no link): {r['compute_floor_tok_s']:.1f} tok/s, the most any saving on
     return "\n".join(lines) + "\n"
 
 
+def mxfp4() -> str:
+    r = _load("mxfp4_tier_cpu.json")
+    links = r["links_gbps"]
+    lines = [f"""The MXFP4 host tier, exact (`.venv/bin/python bench/mxfp4_tier.py --out bench/results/mxfp4_tier_cpu.json`;
+a random GPT-OSS checkpoint with MXFP4 experts as released, {r['layers']} layers, {r['experts']} experts, top-{r['top_k']},
+hidden = expert width {r['hidden']}; bf16 slots at a {r['cache']:.0%} cache, reactive LRU, greedy, {r['new_tokens']} new
+tokens after a {r['prompt_tokens']}-token random prompt, median of {r['runs']} interleaved runs over emulated links;
+`native` holds each expert dequantised to bf16 in RAM, `mxfp4` the checkpoint's bytes, dequantised on the
+loader's thread, which the emulated link books after each chunk's bytes):
+""", "| precision | host tier MiB | KiB per expert on the link | "
+         + " | ".join(f"tok/s at {x} GB/s (× native)" for x in links) + " | same tokens |", "|---" * (4 + len(links)) + "|"]
+    for name in dict.fromkeys(row["precision"] for row in r["rows"]):
+        rows = [row for row in r["rows"] if row["precision"] == name]
+        cells = " | ".join(f"{row['decode_tok_s']:.1f} ({row['speedup_vs_native']:.2f}×)" for row in rows)
+        same = "yes" if all(row["same_tokens"] for row in rows) else "NO"
+        lines.append(f"| {name} | {rows[0]['host_store_bytes'] / 2**20:.1f} | {rows[0]['expert_link_bytes'] / 2**10:.1f} | "
+                     f"{cells} | {same} |")
+    return "\n".join(lines) + "\n"
+
+
 def _cell(value, spec: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
 
@@ -266,7 +286,7 @@ def machines() -> str:
 
 def section() -> str:
     MACHINES.clear()
-    parts = [load_memory(), prefetch(), predictors(), compressed(),
+    parts = [load_memory(), prefetch(), predictors(), compressed(), optional(mxfp4),
              optional(bench_table, "bench_bundled_cpu/bench.json",
                       "activemoe bench --model activemoe/assets/tiny-moe --out bench/results/bench_bundled_cpu"),
              optional(bench_table, "bench_batches_cpu/bench.json",
