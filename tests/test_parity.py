@@ -1,5 +1,6 @@
 """The test that matters most: offloaded generation equals plain transformers, token for token."""
 import json
+import logging
 import math
 import shutil
 import time
@@ -144,7 +145,7 @@ def test_grouped_hits_bfloat16_logits_are_bitwise_those_of_transformers(family, 
     assert calls
 
 
-def test_gpt_oss_mxfp4_experts_as_released(tmp_path):
+def test_gpt_oss_mxfp4_experts_as_released(tmp_path, caplog):
     """GPT-OSS as OpenAI released it, experts in MXFP4 (packed codes and exponents): the store dequantises
     each expert as it reads it, from RAM and from disk; with --precision mxfp4 the experts stay MXFP4 in RAM
     and on the link and are dequantised into their slots, also where they run on the host. Every way the
@@ -153,6 +154,7 @@ def test_gpt_oss_mxfp4_experts_as_released(tmp_path):
     keys = CheckpointIndex(model_dir).keys
     assert "model.layers.0.mlp.experts.gate_up_proj_blocks" in keys and not [k for k in keys if k.endswith("_proj")]
     ref = AutoModelForCausalLM.from_pretrained(model_dir).generate(PROMPT, **GEN)
+    caplog.set_level(logging.INFO, logger="activemoe.engine")
     for store, precision, experts_on in (("ram", "native", "device"), ("disk", "native", "device"),
                                          ("ram", "mxfp4", "device"), ("ram", "mxfp4", "host")):
         eng = activemoe.load(model_dir, EngineConfig(cache=CacheConfig(num_slots=4), store=store, precision=precision,
@@ -170,6 +172,9 @@ def test_gpt_oss_mxfp4_experts_as_released(tmp_path):
                 assert loader.stats.bytes_moved == loader.cache.stats.loads * store_.expert_bytes > 0
         else:
             assert store_.expert_bytes == full
+        hinted = "--precision mxfp4 keeps the checkpoint's own bytes" in caplog.text  # the RAM tier in bf16 says so
+        assert hinted == ((store, precision) == ("ram", "native"))
+        caplog.clear()
         eng.close()
 
 
