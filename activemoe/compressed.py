@@ -75,19 +75,8 @@ class CompressedStore:
     def mxfp4(cls, base: ExpertStore, on_progress: Callable[[int, int], None] | None = None) -> CompressedStore:
         """The host tier of a checkpoint whose experts are MXFP4 (base.mxfp4): its codes and exponents as
         stored, about 4.25 bits a weight in RAM and on the link, dequantised into the slots (exact)."""
-        eids = base.experts()
-        tensors: dict[str, torch.Tensor] = {}
-        for row, eid in enumerate(eids):  # layer-major, expert-minor: row = layer row * E + expert
-            for name, parts in base.read_packed(eid).items():
-                for part, t in parts.items():
-                    key = f"{name}.{part}"
-                    if key not in tensors:  # [N, ...], page-locked in place for CUDA
-                        shape = (len(eids), *t.shape)
-                        tensors[key] = pinned_empty(shape, t.dtype) if base.pin else torch.empty(shape, dtype=t.dtype)
-                    tensors[key][row] = t
-            if on_progress:
-                on_progress(row + 1, len(eids))
-        return cls(base, tensors, "mxfp4", pinned=True)
+        empty = pinned_empty if base.pin else None  # page-locked in place for CUDA
+        return cls(base, quant.stack(base.experts(), base.read_packed, on_progress, empty), "mxfp4", pinned=True)
 
     @property
     def num_experts(self) -> int:

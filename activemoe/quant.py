@@ -1,5 +1,5 @@
 """quant.py: int8 and int4 copies of the routed experts, and their cache file next to the model; the
-decoder of a checkpoint's own MXFP4 experts (exact).
+codecs the compressed tiers decode with (a checkpoint's own MXFP4 experts, exact, through store.Mxfp4).
 
 Approximate, opt-in. int8 is symmetric per output channel (one fp16 scale per row); int4 is
 asymmetric, grouped along the input dim (fp16 scale and min per group of GROUP_SIZE), packed two per
@@ -22,12 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers.integrations.mxfp4 import FP4_VALUES
 
 from activemoe.atomic import save_safetensors_atomic
 from activemoe.errors import UserError
 from activemoe.families import ExpertsSpec
-from activemoe.store import ExpertStore
+from activemoe.store import MXFP4_CODEC, ExpertStore
 
 log = logging.getLogger(__name__)
 
@@ -88,29 +87,7 @@ class Raw:
         return parts["raw"].float()
 
 
-class Mxfp4:
-    """MXFP4 as GPT-OSS checkpoints store it (exact; decode only): per output channel, groups of 32 values
-    packed two 4-bit codes per byte (low nibble first), and one power-of-two exponent per group (biased by
-    127). The values are those of transformers' dequantiser (convert_moe_packed_tensors): the same code
-    table, scaled by ldexp. One lookup per byte in a table of its two values, kept per device, so decoding
-    on the copy stream makes no host copy."""
-
-    def __init__(self):
-        self._tables: dict[torch.device, torch.Tensor] = {}
-
-    def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        blocks, scales = parts["blocks"], parts["scales"]  # [r, G, 16] uint8, [r, G] uint8
-        table = self._tables.get(blocks.device)
-        if table is None:
-            values = torch.tensor(FP4_VALUES, dtype=torch.float32)
-            pairs = torch.stack((values.repeat(16), values.repeat_interleave(16)), dim=-1)  # [256, 2]: (low, high)
-            table = self._tables[blocks.device] = pairs.to(blocks.device)
-        out = table.index_select(0, blocks.reshape(-1).int()).reshape(*scales.shape, 32)  # [r, G, 32]
-        out *= torch.ldexp(torch.ones(scales.shape, device=scales.device), scales.int() - 127)[..., None]
-        return out.reshape(scales.shape[0], -1)  # [r, G*32]
-
-
-CODECS = {"int8": Int8(), "int4": Int4(), "mxfp4": Mxfp4()}
+CODECS = {"int8": Int8(), "int4": Int4(), "mxfp4": MXFP4_CODEC}  # mxfp4: store.Mxfp4, the checkpoint reader's
 
 
 def group_size(cols: int) -> int:
@@ -231,13 +208,23 @@ def _quantise(store: ExpertStore, layout: Layout, on_progress) -> dict[str, torc
     reader = ExpertStore(store.index, {layer: store.spec for layer in store.layers}, torch.float32, pin=False)
     eids = reader.experts()
     log.info("quantising %d experts to %s (once; cached next to the model)", len(eids), layout.precision)
+    return stack(eids, lambda eid: layout.encode(reader.read_from_checkpoint(eid)), on_progress)
+
+
+def stack(eids: list, parts_of: Callable[[object], dict[str, dict[str, torch.Tensor]]],
+          on_progress: Callable[[int, int], None] | None = None,
+          empty: Callable[[tuple, torch.dtype], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every expert's compressed parts (`parts_of(eid)`: name -> part -> tensor) stacked as [N, ...] per
+    `name.part`, row i holding eids[i] (ExpertStore.experts() order: row = layer row * E + expert);
+    `empty(shape, dtype)` allocates each stack (default: torch.empty)."""
+    empty = empty or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
     out: dict[str, torch.Tensor] = {}
-    for row, eid in enumerate(eids):  # experts() is layer-major, expert-minor: row = layer row * E + expert
-        for name, parts in layout.encode(reader.read_from_checkpoint(eid)).items():
+    for row, eid in enumerate(eids):
+        for name, parts in parts_of(eid).items():
             for part, t in parts.items():
                 key = f"{name}.{part}"
                 if key not in out:
-                    out[key] = torch.empty((len(eids), *t.shape), dtype=t.dtype)  # [N, ...]
+                    out[key] = empty((len(eids), *t.shape), t.dtype)  # [N, ...]
                 out[key][row] = t
         if on_progress:
             on_progress(row + 1, len(eids))

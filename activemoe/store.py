@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+from transformers.integrations.mxfp4 import FP4_VALUES
 
 from activemoe.errors import ExpertLoadError, UserError
 from activemoe.families import MXFP4, MXFP4_SCALES, ExpertsSpec, TensorPart, layer_expert_keys, resolve_expert
@@ -80,6 +80,31 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise UserError(f"corrupt or truncated safetensors file {path}: {e}") from None
 
 
+class Mxfp4:
+    """MXFP4 as GPT-OSS checkpoints store it (exact; decode only): per output channel, groups of 32 values
+    packed two 4-bit codes per byte (low nibble first), and one power-of-two exponent per group (biased by
+    127). The values are those of transformers' dequantiser (convert_moe_packed_tensors): the same code
+    table, scaled by ldexp. One lookup per byte in a table of its two values, kept per device, so decoding
+    on the copy stream makes no host copy."""
+
+    def __init__(self):
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        blocks, scales = parts["blocks"], parts["scales"]  # [r, G, 16] uint8, [r, G] uint8
+        table = self._tables.get(blocks.device)
+        if table is None:
+            values = torch.tensor(FP4_VALUES, dtype=torch.float32)
+            pairs = torch.stack((values.repeat(16), values.repeat_interleave(16)), dim=-1)  # [256, 2]: (low, high)
+            table = self._tables[blocks.device] = pairs.to(blocks.device)
+        out = table.index_select(0, blocks.reshape(-1).int()).reshape(*scales.shape, 32)  # [r, G, 32]
+        out *= torch.ldexp(torch.ones(scales.shape, device=scales.device), scales.int() - 127)[..., None]
+        return out.reshape(scales.shape[0], -1)  # [r, G*32]
+
+
+MXFP4_CODEC = Mxfp4()
+
+
 class CheckpointIndex:
     """Key -> where its bytes are, over all shards; reads byte ranges without the page cache."""
 
@@ -97,7 +122,7 @@ class CheckpointIndex:
         if part.mxfp4:  # [rows, G, 16] codes and [rows, G] exponents -> the weight [G*32, rows], float32 (exact)
             blocks = self.read(TensorPart(part.key + MXFP4, part.index))
             scales = self.read(TensorPart(part.key + MXFP4_SCALES, part.index))
-            return convert_moe_packed_tensors(blocks[None], scales[None], dtype=torch.float32)[0]
+            return MXFP4_CODEC.decode({"blocks": blocks, "scales": scales}).T.contiguous()
         info = self.tensors[part.key]
         dtype = _DTYPES.get(info.dtype)
         if dtype is None:

@@ -15,6 +15,7 @@ from activemoe.compressed import CompressedStore
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig
 from activemoe.errors import UserError
 from activemoe.slots import CompressedSlab
+from activemoe.store import Mxfp4
 from activemoe.tiny import build_tiny_checkpoint, mxfp4_experts
 from tests.test_cli import assert_user_error, gen
 
@@ -65,10 +66,10 @@ def test_mxfp4_decodes_as_transformers_does_row_range_by_row_range():
     blocks = torch.randint(0, 256, (40, 3, 16), generator=g, dtype=torch.uint8)  # [R, G, 16]
     scales = torch.linspace(0, 254, 120).round().to(torch.uint8).reshape(40, 3)  # [R, G]: 2**-127 to 2**127
     full = convert_moe_packed_tensors(blocks[None], scales[None], dtype=torch.float32)[0].T  # [R, G*32]
-    decoded = quant.Mxfp4().decode({"blocks": blocks, "scales": scales})
+    decoded = Mxfp4().decode({"blocks": blocks, "scales": scales})
     assert decoded.shape == (40, 96) and torch.equal(decoded, full)
     assert torch.isinf(decoded).any() and (decoded != 0).any()  # the extreme exponents are in the test
-    assert torch.equal(quant.Mxfp4().decode({"blocks": blocks[7:19], "scales": scales[7:19]}), full[7:19])
+    assert torch.equal(Mxfp4().decode({"blocks": blocks[7:19], "scales": scales[7:19]}), full[7:19])
 
 
 def test_group_size_falls_back_to_a_divisor():
