@@ -27,6 +27,7 @@ class Chunk:
     start: int  # first row (dim 0) of the tensor
     stop: int
     nbytes: int
+    whole: bool = False  # the chunk is the whole tensor: its source needs no slicing
 
 
 class EmulatedLink:
@@ -71,7 +72,7 @@ class Ticket:
     event: object = None  # torch.cuda.Event
 
 
-NEVER = threading.Event()  # a wake-up that never comes: wait() until the chunk has landed
+NEVER = None  # no wake-up: wait() sleeps until the chunk has landed
 
 
 class SlotSlab:
@@ -84,6 +85,9 @@ class SlotSlab:
         self.link = link or EmulatedLink(None)
         self.chunks = self._plan(shapes, dtype, chunk_bytes)
         self.expert_bytes = sum(c.nbytes for c in self.chunks)
+        # each (slot, chunk)'s destination view, made once: the loader thread issues chunks while the compute
+        # path runs, and its Python holds the GIL the compute path needs (indexing a view costs microseconds)
+        self.targets = [[self.buffers[c.name][slot, c.start:c.stop] for c in self.chunks] for slot in range(num_slots)]
         self.cuda = device.type == "cuda"
         if self.cuda:
             # the device's index, once: torch.cuda.current_stream(device) with an index-less device looks the
@@ -101,7 +105,7 @@ class SlotSlab:
             rows_per_chunk = max(1, chunk_bytes // row_bytes)
             for start in range(0, shape[0], rows_per_chunk):
                 stop = min(shape[0], start + rows_per_chunk)
-                chunks.append(Chunk(name, start, stop, (stop - start) * row_bytes))
+                chunks.append(Chunk(name, start, stop, (stop - start) * row_bytes, stop - start == shape[0]))
         return chunks
 
     @property
@@ -112,8 +116,8 @@ class SlotSlab:
         """Start copying chunk `index` of one expert into `slot`. CUDA: queued on the copy stream. CPU:
         the bytes are copied now and count as landed when the emulated link would deliver them."""
         chunk = self.chunks[index]
-        src = host[chunk.name][chunk.start:chunk.stop]
-        dst = self.buffers[chunk.name][slot, chunk.start:chunk.stop]
+        src = host[chunk.name] if chunk.whole else host[chunk.name][chunk.start:chunk.stop]
+        dst = self.targets[slot][index]
         started = time.perf_counter()
         if not self.cuda:
             dst.copy_(src)
@@ -147,13 +151,16 @@ class SlotSlab:
         return time.perf_counter() >= ticket.deadline and (ticket.event is None or ticket.event.query())
 
     @staticmethod
-    def wait(ticket: Ticket, wake: threading.Event) -> None:
+    def wait(ticket: Ticket, wake: threading.Event | None) -> None:
         """Block until the chunk has landed, or (on the emulated link) until `wake` is set."""
         if ticket.event is not None:
             ticket.event.synchronize()  # on the loader thread; the compute stream never waits on the host
         delay = ticket.deadline - time.perf_counter()
         if delay > 0:
-            wake.wait(delay)
+            if wake is NEVER:
+                time.sleep(delay)
+            else:
+                wake.wait(delay)
 
     def copy_chunk(self, slot: int, host, index: int) -> None:
         """Copy chunk `index` of one expert into `slot`; returns when the bytes have landed."""

@@ -157,6 +157,7 @@ class ExpertStore:
         self._row = {layer: i for i, layer in enumerate(self.layers)}
         self.expert_bytes = sum(math.prod(s) for s in self.spec.shapes.values()) * dtype.itemsize
         self.host: dict[str, torch.Tensor] = {}
+        self._views: dict[ExpertId, dict[str, torch.Tensor]] = {}  # read()'s views into the RAM tier, made once
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="activemoe-io") if tier == "disk" else None
 
     @property
@@ -173,6 +174,7 @@ class ExpertStore:
         shape = (len(self.layers), self.num_experts)
         self.host = {name: pinned_empty(shape + s, self.dtype) if self.pin else torch.empty(shape + s, dtype=self.dtype)
                      for name, s in self.spec.shapes.items()}
+        self._views.clear()
         eids = self.experts()
         for i, eid in enumerate(eids):
             for name, tensor in self.read_from_checkpoint(eid).items():
@@ -241,8 +243,11 @@ class ExpertStore:
         if self.tier == "disk":
             tensors = self.read_from_checkpoint(eid, self._pool)
             return {n: t.pin_memory() for n, t in tensors.items()} if self.pin else tensors
-        row = self._row[eid.layer]
-        return {name: buf[row, eid.expert] for name, buf in self.host.items()}
+        views = self._views.get(eid)
+        if views is None:  # made once per expert: read() runs on the loader thread, whose Python holds the GIL
+            row = self._row[eid.layer]
+            views = self._views[eid] = {name: buf[row, eid.expert] for name, buf in self.host.items()}
+        return views
 
     @property
     def io_threads(self) -> list:
