@@ -19,8 +19,11 @@ import torch
 from activemoe.errors import UserError
 
 # Families proven by the parity tests; other families using the registry's standard layout work too.
-TESTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe",
-                   "granitemoe", "gpt_oss")
+TESTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "granitemoe",
+                   "gpt_oss", "glm4_moe", "glm4_moe_lite", "minimax_m2", "minimax", "qwen3_next", "deepseek_v32",
+                   "deepseek_v4", "ernie4_5_moe", "hunyuan_v1_moe", "hy_v3", "dots1", "lfm2_moe", "jamba", "nemotron_h",
+                   "mimo_v2_flash", "solar_open", "exaone_moe", "cohere2_moe", "afmoe", "laguna", "flex_olmo",
+                   "granitemoeshared")
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|bias)$")

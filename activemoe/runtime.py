@@ -195,7 +195,9 @@ class ExpertRuntime:
         # experts do: experts finish in the order their loads land, and adding them up in that order would
         # round differently (in bfloat16, enough to change a greedy token). Rows are in the dtype of output
         # times routing weight (float32 where a router keeps float32 weights).
-        if hidden.shape[0] == 1:  # decode: one token, no gather or scatter; a list of K rows [1, H]
+        one = hidden.shape[0] == 1 and len(routed) == len(flat)  # one token routed to K distinct experts (a
+        # hash-routed layer may name an expert twice: DeepSeek-V4's token tables; then the general path below)
+        if one:  # decode: one token, no gather or scatter; a list of K rows [1, H]
             parts = [None] * top_k_index.shape[-1]
             run = lambda eid, w: self._accumulate_one(module, w, hidden, flat.index(eid.expert), top_k_weights, parts)  # noqa: E731
         else:
@@ -230,7 +232,7 @@ class ExpertRuntime:
         try:
             if self.late_miss is not None and pending:  # decide before the copies start, so dropped ones cost nothing
                 self._serve_late(run, pending, counts)
-            if self.grouped_hits and hidden.shape[0] == 1 and len(ready) > 1:
+            if self.grouped_hits and one and len(ready) > 1:
                 grouped, ready = ready, []  # _run_grouped releases them
                 self._run_grouped(module, grouped, hidden, flat, top_k_weights, parts)
             while ready:  # one expert at a time (the default; grouped_hits is for launch-bound CUDA)
@@ -253,7 +255,7 @@ class ExpertRuntime:
                 eid, slot = self.loader.wait_any(pending, self._idle if hasattr(self.predictor, "idle") else None)
                 pending.discard(eid)
                 landed = [(eid, slot)]
-                if self.grouped_hits and hidden.shape[0] == 1:  # misses that landed together: one grouped call
+                if self.grouped_hits and one:  # misses that landed together: one grouped call
                     try:
                         landed += self.loader.take_landed(pending)
                     except BaseException:

@@ -15,13 +15,25 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 # Per family: config overrides on top of the shared shape below.
-_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _FAMILY_OVERRIDES = {
     "deepseek_v2": dict(num_key_value_heads=4, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None,
                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_shared_experts=1),
     "deepseek_v3": dict(num_key_value_heads=4, first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=24,
                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_shared_experts=1),
     "gpt_oss": dict(head_dim=8, sliding_window=16, layer_types=None),
+    # hybrids: at least one attention layer among the three (their defaults put the first one further down)
+    "qwen3_next": dict(head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                       linear_num_value_heads=4, layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0, mamba_d_state=4,
+                  mamba_dt_rank=4),
+    "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention", "conv"]),
+    "deepseek_v32": dict(num_key_value_heads=4, first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16,
+                         q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, head_dim=8, n_shared_experts=1,
+                         index_n_heads=2, index_head_dim=16, index_topk=4),
+    "deepseek_v4": dict(mlp_layer_types=["hash_moe", "moe", "moe"]),  # a hash-routed layer, then learned routers
+    "dots1": dict(n_shared_experts=1, first_k_dense_replace=1),
+    "hunyuan_v1_moe": dict(head_dim=8),
 }
 
 
@@ -39,6 +51,9 @@ def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: i
         if hasattr(cfg, name):
             setattr(cfg, name, num_experts)
     cfg.num_experts_per_tok = top_k
+    for name in ("moe_topk", "moe_k"):  # HunYuan's and ERNIE's names for it
+        if hasattr(cfg, name):
+            setattr(cfg, name, top_k)
     for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
         if hasattr(cfg, name):
             setattr(cfg, name, expert_width)
@@ -63,6 +78,9 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, route
             is_router = p.ndim == 2 and p.shape == (num_experts, cfg.hidden_size) and "experts" not in name
             if is_router:
                 p.normal_(0.0, router_scale / cfg.hidden_size**0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):  # DeepSeek-V4's hash routing table (token -> its experts): random, and so
+                b.random_(0, num_experts, generator=torch.Generator().manual_seed(seed))  # now and then one twice
     out_dir = Path(out_dir)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     bars = transformers.logging.is_progress_bar_enabled()

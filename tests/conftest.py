@@ -1,12 +1,12 @@
 import pytest
 import torch
 
+from activemoe.families import TESTED_FAMILIES
 from activemoe.tiny import build_tiny_checkpoint
 
 torch.set_num_threads(2)
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "granitemoe",
-            "gpt_oss")
+FAMILIES = TESTED_FAMILIES  # each proven by the parity tests
 
 
 @pytest.fixture(scope="session")
