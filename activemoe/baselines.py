@@ -218,10 +218,13 @@ class AccelerateRunner:
 
 
 def _device_map(model: torch.nn.Module, classes: tuple[type, ...], device: str, offload_to: str) -> dict[str, str]:
-    """Every leaf-level module on `device`, except the experts modules, which go to `offload_to`."""
+    """Every leaf-level module on `device`, except the experts modules, which go to `offload_to`; a module
+    holding experts below it has its own parameters and buffers placed one by one (Gemma 4's layer scalar)."""
     out = {}
 
     def walk(prefix: str, module: torch.nn.Module) -> None:
+        for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            out[f"{prefix}{name}"] = device
         for name, child in module.named_children():
             full = f"{prefix}{name}"
             if isinstance(child, classes):

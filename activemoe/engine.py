@@ -45,7 +45,7 @@ from activemoe.replay import ReplayRouting
 from activemoe.trace import Recorder, Trace, load_trace, shape_id
 
 log = logging.getLogger(__name__)
-_TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k")
+_TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "top_k_experts")  # Gemma 4: the last
 
 
 def peak_rss_bytes() -> int:
@@ -155,8 +155,8 @@ class Engine:
         return _shape_id(self.model.config, self.runtime.store.layers, self.runtime.store.num_experts)
 
     def trace_meta(self) -> dict[str, str]:
-        c = self.model.config
-        return {"model_type": c.model_type, "num_experts": str(self.runtime.store.num_experts),
+        c = self.model.config.get_text_config()
+        return {"model_type": self.model.config.model_type, "num_experts": str(self.runtime.store.num_experts),
                 "top_k": str(self.top_k), "hidden_size": str(c.hidden_size),
                 "layers": json.dumps(self.runtime.store.layers), "shape_id": self.shape_id}
 
@@ -403,13 +403,14 @@ def model_shape(model_dir: str | Path, dtype_name: str = "auto", precision: str 
     resident = sum(p.numel() for p in model.parameters()) * dtype.itemsize + sum(
         b.numel() * b.element_size() for b in model.buffers() if id(b) not in tied)
     expert_bytes = sum(math.prod(s) for s in spec.shapes.values()) * dtype.itemsize
+    text = hf_config.get_text_config()
     host_expert_bytes = None
     if precision == "mxfp4":
         store = ExpertStore(CheckpointIndex(model_dir), {layer: spec for layer in experts}, dtype, pin=False)
         host_expert_bytes = store.packed_bytes() if store.mxfp4 else None
     return ModelShape(resident_bytes=resident, expert_bytes=expert_bytes, total_experts=len(experts) * spec.num_experts,
-                      top_k=top_k_of(hf_config), kv_bytes_per_token=kv_bytes_per_token(hf_config, dtype.itemsize),
-                      hidden_size=hf_config.hidden_size, vocab_size=hf_config.vocab_size, dtype_bytes=dtype.itemsize,
+                      top_k=top_k_of(hf_config), kv_bytes_per_token=kv_bytes_per_token(text, dtype.itemsize),
+                      hidden_size=text.hidden_size, vocab_size=text.vocab_size, dtype_bytes=dtype.itemsize,
                       moe_layers=len(experts), host_expert_bytes=host_expert_bytes)
 
 
@@ -447,6 +448,7 @@ def _experts_classes(hf_config) -> list[type]:
 
 
 def top_k_of(config) -> int:
+    config = config.get_text_config()  # a vision-language checkpoint's (Qwen3.5-MoE, Gemma 4) are its text model's
     for name in _TOP_K_FIELDS:
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -599,7 +601,7 @@ def _learned(prefetch: PrefetchConfig, model, layers: list[int], num_experts: in
 
 def _shape_id(config, layers: list[int], num_experts: int) -> str:
     """What ties traces and predictor files to a model: family, MoE layers, experts, top-k, hidden size."""
-    return shape_id(config.model_type, layers, num_experts, top_k_of(config), config.hidden_size)
+    return shape_id(config.model_type, layers, num_experts, top_k_of(config), config.get_text_config().hidden_size)
 
 
 def _check_choices(config: EngineConfig) -> None:

@@ -23,7 +23,7 @@ TESTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", 
                    "gpt_oss", "glm4_moe", "glm4_moe_lite", "minimax_m2", "minimax", "qwen3_next", "deepseek_v32",
                    "deepseek_v4", "ernie4_5_moe", "hunyuan_v1_moe", "hy_v3", "dots1", "lfm2_moe", "jamba", "nemotron_h",
                    "mimo_v2_flash", "solar_open", "exaone_moe", "cohere2_moe", "afmoe", "laguna", "flex_olmo",
-                   "granitemoeshared")
+                   "granitemoeshared", "qwen3_5_moe", "qwen3_5_moe_text", "gemma4", "gemma4_text")
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|bias)$")
@@ -184,11 +184,13 @@ def routers(model: torch.nn.Module, experts: dict[int, torch.nn.Module]
     for layer, module in experts.items():
         block_name = names[module].rsplit(".", 1)[0]
         block, decoder = modules[block_name], modules[block_name.rsplit(".", 1)[0]]
-        num_experts, hidden = module._activemoe_spec.num_experts, model.config.hidden_size
+        num_experts, hidden = module._activemoe_spec.num_experts, model.config.get_text_config().hidden_size
         router = next((m for n, m in block.named_children() if m is not module and getattr(m, "weight", None) is not None
                        and tuple(m.weight.shape) == (num_experts, hidden)), None)
         if router is None:
-            raise UserError(f"layer {layer}: no router with an [{num_experts}, {hidden}] weight found for pre-gating")
+            raise UserError(f"layer {layer}: no router with an [{num_experts}, {hidden}] weight found for pre-gating "
+                            f"(the MoE block of {model.config.model_type!r} routes otherwise); predict with learned "
+                            "or history instead")
         out[layer] = (router, decoder)
     return out
 

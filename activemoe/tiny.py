@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 # Per family: config overrides on top of the shared shape below.
 _EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -34,6 +34,18 @@ _FAMILY_OVERRIDES = {
     "deepseek_v4": dict(mlp_layer_types=["hash_moe", "moe", "moe"]),  # a hash-routed layer, then learned routers
     "dots1": dict(n_shared_experts=1, first_k_dense_replace=1),
     "hunyuan_v1_moe": dict(head_dim=8),
+    "qwen3_5_moe_text": dict(head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                             linear_num_value_heads=4, layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "gemma4_text": dict(enable_moe_block=True, head_dim=8, global_head_dim=8, sliding_window=16, num_kv_shared_layers=0,
+                        layer_types=["sliding_attention", "full_attention", "full_attention"], hidden_size_per_layer_input=0),
+}
+# Vision-language families, built as released (a ...ForConditionalGeneration whose text model holds the experts):
+# family -> (its text family, the tiny vision tower, other sub-configs)
+_COMPOSITE = {
+    "qwen3_5_moe": ("qwen3_5_moe_text", dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2,
+                                             out_hidden_size=32), {}),
+    "gemma4": ("gemma4_text", dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, head_dim=16), dict(audio_config=None)),
 }
 
 
@@ -41,6 +53,11 @@ def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: i
                 expert_width: int = 16, vocab: int = 96, max_positions: int = 256, heads: int = 4,
                 init_range: float = 0.1):
     # init_range 0.1: logits of order 1 at tiny widths, so a 1e-5 parity bound means something
+    if family in _COMPOSITE:
+        text_family, vision, others = _COMPOSITE[family]
+        text = tiny_config(text_family, num_layers, num_experts, top_k, hidden, expert_width, vocab, max_positions, heads,
+                           init_range)
+        return AutoConfig.for_model(family, text_config=text.to_dict(), vision_config=vision, **others)
     fields = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
                   num_attention_heads=heads, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=max_positions,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
@@ -51,7 +68,7 @@ def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: i
         if hasattr(cfg, name):
             setattr(cfg, name, num_experts)
     cfg.num_experts_per_tok = top_k
-    for name in ("moe_topk", "moe_k"):  # HunYuan's and ERNIE's names for it
+    for name in ("moe_topk", "moe_k", "top_k_experts"):  # HunYuan's, ERNIE's and Gemma 4's names for it
         if hasattr(cfg, name):
             setattr(cfg, name, top_k)
     for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
@@ -71,13 +88,14 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, route
     weights in parallel instead of through transformers' initialisation (for checkpoints at real shapes)."""
     cfg = tiny_config(family, **shape)
     torch.manual_seed(seed)
-    model = _drawn_in_parallel(cfg, dtype, seed) if fast_init else AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    num_experts = next(getattr(cfg, n) for n in _EXPERT_FIELDS if hasattr(cfg, n))
+    model = _drawn_in_parallel(cfg, dtype, seed) if fast_init else _auto_class(family).from_config(cfg, dtype=dtype)
+    text = cfg.get_text_config()
+    num_experts = next(getattr(text, n) for n in _EXPERT_FIELDS if hasattr(text, n))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            is_router = p.ndim == 2 and p.shape == (num_experts, cfg.hidden_size) and "experts" not in name
+            is_router = p.ndim == 2 and p.shape == (num_experts, text.hidden_size) and "experts" not in name
             if is_router:
-                p.normal_(0.0, router_scale / cfg.hidden_size**0.5)
+                p.normal_(0.0, router_scale / text.hidden_size**0.5)
         for name, b in model.named_buffers():
             if name.endswith("tid2eid"):  # DeepSeek-V4's hash routing table (token -> its experts): random, and so
                 b.random_(0, num_experts, generator=torch.Generator().manual_seed(seed))  # now and then one twice
@@ -91,6 +109,10 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, route
         if bars:
             transformers.logging.enable_progress_bar()
     return out_dir
+
+
+def _auto_class(family: str):
+    return AutoModelForImageTextToText if family in _COMPOSITE else AutoModelForCausalLM
 
 
 def _drawn_in_parallel(cfg, dtype: torch.dtype, seed: int) -> torch.nn.Module:

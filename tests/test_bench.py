@@ -102,15 +102,22 @@ def test_interleaved_runs_alternate_baselines_and_reduce_alike(checkpoint, monke
     assert sequential.index(("close", "reactive")) < sequential.index(("load", "host"))
 
 
-def test_accelerate_offloads_the_experts(checkpoint):
-    runner = AccelerateRunner(checkpoint("qwen3_moe"), EngineConfig(link=LinkConfig(link_gbps=10.0)))
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma4"])  # gemma4: a decoder layer holds a parameter beside its experts
+def test_accelerate_offloads_the_experts(checkpoint, family):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = checkpoint(family)
+    runner = AccelerateRunner(model_dir, EngineConfig(link=LinkConfig(link_gbps=10.0)))
     try:
-        experts = [m for n, m in runner.model.named_modules() if n.endswith("mlp.experts")]
+        experts = [m for n, m in runner.model.named_modules() if n.endswith("experts")]
         assert experts and all(m.gate_up_proj.device.type == "meta" for m in experts)  # weights live on disk
         assert all(m._hf_hook.offload for m in experts)
         assert list(Path(runner._dir.name).glob("*.dat"))
         out = runner.run([[5, 6, 7]], 3)
         assert len(out.sequences[0]) == 3 and len(out.per_token_s) == 2
+        ref = AutoModelForCausalLM.from_pretrained(model_dir).generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3,
+                                                                       do_sample=False, pad_token_id=0)
+        assert out.sequences[0] == ref[0, 3:].tolist()
     finally:
         runner.close()
 

@@ -426,3 +426,31 @@ def test_trace_record_new_tokens_records_bench_workload(tmp_path, capsys):
     trace = load_trace(out)
     assert result["tokens"] == 20 and trace.tokens.shape[0] == 20 and trace.hidden.shape[0] == 20 * 4
     assert_user_error(capsys, [*base, "--new-tokens", "-1", "--out", str(out)], "--new-tokens at least 0")
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "gemma4"])
+def test_vision_language_checkpoints_record_train_and_predict(checkpoint, family, tmp_path):
+    """Qwen3.5-MoE and Gemma 4 are released as vision-language checkpoints, whose config keeps top-k and the
+    hidden size in its text config: traces record, learned heads train on them, and the learned predictor
+    keeps parity while it prefetches."""
+    from transformers import AutoModelForCausalLM
+
+    from activemoe.config import CacheConfig, PrefetchConfig
+    from tests.test_parity import GEN, PROMPT, _assert_parity
+
+    model_dir = checkpoint(family)
+    with activemoe.load(model_dir, EngineConfig.tiny(num_slots=24)) as eng:
+        assert eng.top_k == 2  # the text config's top-k: 1 where only the outer config was read
+        chunks = [torch.randint(3, 90, (40,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
+        eng.record_trace(chunks, keep_hidden=True).save(tmp_path / "t.trace")
+        shape = eng.shape_id
+    heads = train_heads(load_trace(tmp_path / "t.trace"), lookahead=2, epochs=2)
+    save_heads(tmp_path / "h.safetensors", heads, {"shape_id": shape, "model_type": family})
+    cfg = EngineConfig(cache=CacheConfig(num_slots=6, policy="slru"),
+                       prefetch=PrefetchConfig(predictor="learned", lookahead=2,
+                                               predictor_file=str(tmp_path / "h.safetensors")))
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).generate(PROMPT, **GEN)
+    with activemoe.load(model_dir, cfg) as eng:
+        _assert_parity(ref, eng.model.generate(PROMPT, **GEN))
+        out = eng.generate(PROMPT[0].tolist(), max_new_tokens=8, sampling=SamplingConfig(do_sample=False))
+        assert out.stats.speculative_loads > 0 and out.stats.recall  # the heads predicted and prefetched
