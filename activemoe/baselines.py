@@ -194,7 +194,7 @@ class AccelerateRunner:
 
         self.device = torch.device(config.device)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=checkpoint_dtype(model_dir, config.dtype))
-        classes = tuple(experts_classes(type(model)))
+        classes = tuple(experts_classes(type(model), stand_in=False))
         offload_to = "cpu" if self.device.type == "cuda" else "disk"
         device_map = _device_map(model, classes, str(self.device), offload_to)
         self._dir = tempfile.TemporaryDirectory(prefix="activemoe-accelerate-")

@@ -20,7 +20,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from activemoe import quant
+from activemoe import llama4, quant
 from activemoe.cache import ExpertCache
 from activemoe.compressed import CompressedStore, Int4Substitute
 from activemoe.config import (EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, PrefetchConfig, SamplingConfig,
@@ -165,6 +165,9 @@ class Engine:
                      new_tokens: int = 0) -> Trace:
         """Forward each token chunk (teacher-forced, no sampling) and record every layer's routing; with
         `new_tokens`, each chunk is a prompt, and its greedy continuation's decode steps are recorded too."""
+        if self.top_k > 1 and any(isinstance(m, llama4.Llama4Experts) for m in self.model.modules()):
+            raise UserError(f"a Llama 4 model's experts run on one row per routed expert (llama4.py): a trace needs "
+                            f"one row per token, so top-1 routing, as Llama 4 was released; this one routes {self.top_k}")
         recorder = Recorder(self.runtime.store.layers[0], keep_hidden)
         self.runtime.recorder = recorder
         try:
@@ -535,6 +538,9 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     miss_cost = profile_host_expert(first, store) if config.experts_on == "auto" else None
     everything_fits = num_slots >= total and config.experts_on != "host"  # every expert gets a slot
     if config.routing == "pregated":
+        if llama4.Llama4Experts in classes:
+            raise UserError("--routing pregated substitutes a router's decision (its top-k experts and weights); "
+                            "Llama 4's router returns scores that scale the experts' input instead: use exact routing")
         predictor = PregatedRouting({layer: r for layer, (r, _) in routers(model, experts).items()},
                                     router_parts(model, experts))
     else:

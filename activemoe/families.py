@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from activemoe import llama4
 from activemoe.errors import UserError
 
 # Families proven by the parity tests; other families using the registry's standard layout work too.
@@ -23,7 +24,7 @@ TESTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", 
                    "gpt_oss", "glm4_moe", "glm4_moe_lite", "minimax_m2", "minimax", "qwen3_next", "deepseek_v32",
                    "deepseek_v4", "ernie4_5_moe", "hunyuan_v1_moe", "hy_v3", "dots1", "lfm2_moe", "jamba", "nemotron_h",
                    "mimo_v2_flash", "solar_open", "exaone_moe", "cohere2_moe", "afmoe", "laguna", "flex_olmo",
-                   "granitemoeshared", "qwen3_5_moe", "qwen3_5_moe_text", "gemma4", "gemma4_text")
+                   "granitemoeshared", "qwen3_5_moe", "qwen3_5_moe_text", "gemma4", "gemma4_text", "llama4", "llama4_text")
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|bias)$")
@@ -50,8 +51,11 @@ class TensorPart:
     mxfp4: bool = False  # `key` names MXFP4 tensors: key + MXFP4 and key + MXFP4_SCALES, dequantised on read
 
 
-def experts_classes(model_class: type) -> list[type]:
-    """The registry-dispatched experts classes in the module that defines `model_class`."""
+def experts_classes(model_class: type, stand_in: bool = True) -> list[type]:
+    """The registry-dispatched experts classes in the module that defines `model_class`; for Llama 4 the
+    stand-in ActiveMoE builds (llama4.py), or with `stand_in` False the class transformers builds."""
+    if llama4.serves(model_class):
+        return [llama4.Llama4Experts if stand_in else llama4.Llama4Experts.__mro__[1]]
     module = sys.modules[model_class.__module__]
     return [obj for obj in vars(module).values()
             if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and hasattr(obj, "_apply_gate")]
@@ -59,7 +63,8 @@ def experts_classes(model_class: type) -> list[type]:
 
 @contextmanager
 def experts_without_weights(classes: list[type]) -> Iterator[None]:
-    """While active, new experts modules record their per-expert shapes and drop their weights.
+    """While active, new experts modules record their per-expert shapes and drop their weights (and Llama 4's
+    are built as their stand-ins, llama4.py).
 
     transformers then never materialises the routed experts: their checkpoint keys match no parameter
     and are skipped unread. A meta placeholder keeps attribute access (weight init) working.
@@ -84,7 +89,8 @@ def experts_without_weights(classes: list[type]) -> Iterator[None]:
     for cls, original in originals.items():
         cls.__init__ = make_init(original)
     try:
-        yield
+        with llama4.stand_ins(classes):
+            yield
     finally:
         for cls, original in originals.items():
             cls.__init__ = original

@@ -38,12 +38,16 @@ _FAMILY_OVERRIDES = {
                              linear_num_value_heads=4, layer_types=["linear_attention", "full_attention", "linear_attention"]),
     "gemma4_text": dict(enable_moe_block=True, head_dim=8, global_head_dim=8, sliding_window=16, num_kv_shared_layers=0,
                         layer_types=["sliding_attention", "full_attention", "full_attention"], hidden_size_per_layer_input=0),
+    "llama4_text": dict(head_dim=8, intermediate_size_mlp=64),  # intermediate_size: the experts' width
 }
 # Vision-language families, built as released (a ...ForConditionalGeneration whose text model holds the experts):
 # family -> (its text family, the tiny vision tower, other sub-configs)
 _COMPOSITE = {
     "qwen3_5_moe": ("qwen3_5_moe_text", dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2,
                                              out_hidden_size=32), {}),
+    "llama4": ("llama4_text", dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                                   projector_output_dim=32), {}),
     "gemma4": ("gemma4_text", dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    num_key_value_heads=2, head_dim=16), dict(audio_config=None)),
 }
@@ -74,7 +78,7 @@ def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: i
     for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
         if hasattr(cfg, name):
             setattr(cfg, name, expert_width)
-    if family in ("mixtral", "phimoe", "granitemoe", "gpt_oss", "olmoe"):  # their experts are intermediate_size wide
+    if family in ("mixtral", "phimoe", "granitemoe", "gpt_oss", "olmoe", "llama4_text"):  # their experts are intermediate_size wide
         cfg.intermediate_size = expert_width
     if family == "gpt_oss":
         cfg.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]

@@ -102,7 +102,8 @@ def test_interleaved_runs_alternate_baselines_and_reduce_alike(checkpoint, monke
     assert sequential.index(("close", "reactive")) < sequential.index(("load", "host"))
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gemma4"])  # gemma4: a decoder layer holds a parameter beside its experts
+# gemma4: a decoder layer holds a parameter beside its experts; llama4: offloaded as transformers builds it
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma4", "llama4"])
 def test_accelerate_offloads_the_experts(checkpoint, family):
     from transformers import AutoModelForCausalLM
 

@@ -428,19 +428,19 @@ def test_trace_record_new_tokens_records_bench_workload(tmp_path, capsys):
     assert_user_error(capsys, [*base, "--new-tokens", "-1", "--out", str(out)], "--new-tokens at least 0")
 
 
-@pytest.mark.parametrize("family", ["qwen3_5_moe", "gemma4"])
-def test_vision_language_checkpoints_record_train_and_predict(checkpoint, family, tmp_path):
-    """Qwen3.5-MoE and Gemma 4 are released as vision-language checkpoints, whose config keeps top-k and the
-    hidden size in its text config: traces record, learned heads train on them, and the learned predictor
-    keeps parity while it prefetches."""
+@pytest.mark.parametrize("family,top_k", [("qwen3_5_moe", 2), ("gemma4", 2), ("llama4", 1)])
+def test_vision_language_checkpoints_record_train_and_predict(checkpoint, family, top_k, tmp_path):
+    """Qwen3.5-MoE, Gemma 4 and Llama 4 (top-1, as released) come as vision-language checkpoints, whose config
+    keeps top-k and the hidden size in its text config: traces record, learned heads train on them, and the
+    learned predictor keeps parity while it prefetches."""
     from transformers import AutoModelForCausalLM
 
     from activemoe.config import CacheConfig, PrefetchConfig
     from tests.test_parity import GEN, PROMPT, _assert_parity
 
-    model_dir = checkpoint(family)
+    model_dir = checkpoint(family, top_k=top_k)
     with activemoe.load(model_dir, EngineConfig.tiny(num_slots=24)) as eng:
-        assert eng.top_k == 2  # the text config's top-k: 1 where only the outer config was read
+        assert eng.top_k == top_k  # the text config's: 1 where only the outer config was read
         chunks = [torch.randint(3, 90, (40,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
         eng.record_trace(chunks, keep_hidden=True).save(tmp_path / "t.trace")
         shape = eng.shape_id
@@ -454,3 +454,9 @@ def test_vision_language_checkpoints_record_train_and_predict(checkpoint, family
         _assert_parity(ref, eng.model.generate(PROMPT, **GEN))
         out = eng.generate(PROMPT[0].tolist(), max_new_tokens=8, sampling=SamplingConfig(do_sample=False))
         assert out.stats.speculative_loads > 0 and out.stats.recall  # the heads predicted and prefetched
+
+
+def test_a_llama4_trace_needs_top_1(checkpoint):
+    with activemoe.load(checkpoint("llama4_text"), EngineConfig.tiny(num_slots=24)) as eng:
+        with pytest.raises(UserError, match="top-1 routing.*routes 2"):
+            eng.record_trace([[5, 6, 7]])
