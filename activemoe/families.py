@@ -24,11 +24,14 @@ TESTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", 
                    "gpt_oss", "glm4_moe", "glm4_moe_lite", "minimax_m2", "minimax", "qwen3_next", "deepseek_v32",
                    "deepseek_v4", "ernie4_5_moe", "hunyuan_v1_moe", "hy_v3", "dots1", "lfm2_moe", "jamba", "nemotron_h",
                    "mimo_v2_flash", "solar_open", "exaone_moe", "cohere2_moe", "afmoe", "laguna", "flex_olmo",
-                   "granitemoeshared", "qwen3_5_moe", "qwen3_5_moe_text", "gemma4", "gemma4_text", "llama4", "llama4_text")
+                   "granitemoeshared", "qwen3_5_moe", "qwen3_5_moe_text", "gemma4", "gemma4_text", "llama4", "llama4_text",
+                   "kimi_linear", "glm_moe_dsa", "granitemoehybrid")
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|bias)$")
-_FUSED = re.compile(r"\.(?:experts\.(gate_up_proj|up_proj|down_proj)(_bias|_blocks)?|(input_linear|output_linear)\.weight)$")
+# Granite's experts sit in block_sparse_moe; its shared MLP (shared_mlp) has input_linear/output_linear keys too
+_FUSED = re.compile(r"\.(?:experts\.(gate_up_proj|up_proj|down_proj)(_bias|_blocks)?|"
+                    r"block_sparse_moe\.(input_linear|output_linear)\.weight)$")
 MXFP4, MXFP4_SCALES = "_blocks", "_scales"  # suffixes of an MXFP4 tensor's packed codes and exponents (GPT-OSS)
 _ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 _GRANITE = {"input_linear": "gate_up_proj", "output_linear": "down_proj"}

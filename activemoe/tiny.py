@@ -39,6 +39,13 @@ _FAMILY_OVERRIDES = {
     "gemma4_text": dict(enable_moe_block=True, head_dim=8, global_head_dim=8, sliding_window=16, num_kv_shared_layers=0,
                         layer_types=["sliding_attention", "full_attention", "full_attention"], hidden_size_per_layer_input=0),
     "llama4_text": dict(head_dim=8, intermediate_size_mlp=64),  # intermediate_size: the experts' width
+    "kimi_linear": dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                        v_head_dim=8, linear_head_dim=8, linear_num_heads=4, mlp_layer_types=["dense", "sparse", "sparse"],
+                        layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "glm_moe_dsa": dict(num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
+                        qk_rope_head_dim=8, v_head_dim=8, head_dim=8, n_shared_experts=1, index_n_heads=2,
+                        index_head_dim=16, index_topk=4),
+    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_state=8, mamba_d_head=16, layer_types=["mamba", "attention", "mamba"]),
 }
 # Vision-language families, built as released (a ...ForConditionalGeneration whose text model holds the experts):
 # family -> (its text family, the tiny vision tower, other sub-configs)
@@ -75,7 +82,7 @@ def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: i
     for name in ("moe_topk", "moe_k", "top_k_experts"):  # HunYuan's, ERNIE's and Gemma 4's names for it
         if hasattr(cfg, name):
             setattr(cfg, name, top_k)
-    for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+    for name in ("moe_intermediate_size", "shared_expert_intermediate_size", "shared_intermediate_size"):
         if hasattr(cfg, name):
             setattr(cfg, name, expert_width)
     if family in ("mixtral", "phimoe", "granitemoe", "gpt_oss", "olmoe", "llama4_text"):  # their experts are intermediate_size wide
