@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from transformers import AutoModelForCausalLM
 
 import activemoe
 from activemoe.config import EngineConfig, PrefetchConfig, SamplingConfig
-from activemoe.engine import TimingStreamer, checkpoint_dtype, left_pad, pad_token_of, peak_rss_bytes, top_k_of
+from activemoe.engine import TimingStreamer, left_pad, pad_token_of, peak_rss_bytes, plain_model, top_k_of
 from activemoe.errors import UserError
 from activemoe.families import experts_classes, experts_modules
 from activemoe.policies import POLICIES
@@ -151,7 +150,7 @@ class TransformersRunner:
 
     def __init__(self, model_dir: Path, config: EngineConfig):
         self.device = torch.device(config.device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=checkpoint_dtype(model_dir, config.dtype)).to(self.device)
+        self.model = plain_model(model_dir, config.dtype).to(self.device)
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> RunResult:
         return _timed_generate(self.model, prompts, new_tokens, self.device, self.replay)
@@ -193,7 +192,7 @@ class AccelerateRunner:
         from accelerate import dispatch_model
 
         self.device = torch.device(config.device)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=checkpoint_dtype(model_dir, config.dtype))
+        model = plain_model(model_dir, config.dtype)
         classes = tuple(experts_classes(type(model), stand_in=False))
         offload_to = "cpu" if self.device.type == "cuda" else "disk"
         device_map = _device_map(model, classes, str(self.device), offload_to)

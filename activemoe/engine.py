@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from activemoe import llama4, quant
 from activemoe.cache import ExpertCache
@@ -26,7 +26,7 @@ from activemoe.compressed import CompressedStore, Int4Substitute
 from activemoe.config import (EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, PrefetchConfig, SamplingConfig,
                               chunk_bytes_for)
 from activemoe.errors import UserError
-from activemoe.families import (experts_classes, experts_without_weights, offloaded_modules, router_parts, routers,
+from activemoe.families import (auto_class, experts_classes, experts_without_weights, offloaded_modules, router_parts, routers,
                                 unsupported_message)
 from activemoe.hardware import pinned_h2d_gbps, profile_host_expert
 from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
@@ -371,6 +371,14 @@ def checkpoint_dtype(model_dir: str | Path, name: str) -> torch.dtype:
     return compute_dtype(checkpoint_config(model_dir), name)
 
 
+def plain_model(model_dir: str | Path, dtype_name: str = "auto") -> torch.nn.Module:
+    """The checkpoint as plain transformers loads it to generate text (the baselines' and the tests' reference)."""
+    config = checkpoint_config(model_dir)
+    if auto_class(config) is None:
+        raise UserError(unsupported_message(config.model_type))
+    return auto_class(config).from_pretrained(model_dir, dtype=compute_dtype(config, dtype_name))
+
+
 def checkpoint_dtype_name(model_dir: str | Path, name: str) -> str:
     """checkpoint_dtype's name, as results and cost models print it ("auto" resolved)."""
     return dtype_name(checkpoint_dtype(model_dir, name))
@@ -397,7 +405,7 @@ def model_shape(model_dir: str | Path, dtype_name: str = "auto", precision: str 
     dtype = compute_dtype(hf_config, dtype_name)
     classes = _experts_classes(hf_config)
     with experts_without_weights(classes), torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model = auto_class(hf_config).from_config(hf_config, dtype=dtype)
     experts = offloaded_modules(model)
     if not experts:
         raise UserError(f"{model_dir} has no MoE layers with routed experts ({unsupported_message(hf_config.model_type)})")
@@ -443,8 +451,8 @@ def _config(model_dir: Path):
 
 
 def _experts_classes(hf_config) -> list[type]:
-    model_class = AutoModelForCausalLM._model_mapping.get(type(hf_config), None)
-    classes = experts_classes(model_class) if model_class is not None else []
+    auto = auto_class(hf_config)
+    classes = experts_classes(auto._model_mapping[type(hf_config)]) if auto is not None else []
     if not classes:
         raise UserError(unsupported_message(hf_config.model_type))
     return classes
@@ -487,7 +495,7 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
     transformers.logging.disable_progress_bar()  # the caller shows its own progress
     try:
         with experts_without_weights(classes):
-            model, info = AutoModelForCausalLM.from_pretrained(
+            model, info = auto_class(hf_config).from_pretrained(
                 model_dir, config=hf_config, dtype=dtype, experts_implementation=IMPLEMENTATION,
                 output_loading_info=True)
     finally:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from activemoe import llama4
 from activemoe.errors import UserError
@@ -25,7 +26,8 @@ TESTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", 
                    "deepseek_v4", "ernie4_5_moe", "hunyuan_v1_moe", "hy_v3", "dots1", "lfm2_moe", "jamba", "nemotron_h",
                    "mimo_v2_flash", "solar_open", "exaone_moe", "cohere2_moe", "afmoe", "laguna", "flex_olmo",
                    "granitemoeshared", "qwen3_5_moe", "qwen3_5_moe_text", "gemma4", "gemma4_text", "llama4", "llama4_text",
-                   "kimi_linear", "glm_moe_dsa", "granitemoehybrid")
+                   "kimi_linear", "glm_moe_dsa", "granitemoehybrid", "qwen3_vl_moe", "glm4v_moe",
+                   "mistral_large4")
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|bias)$")
@@ -52,6 +54,15 @@ class TensorPart:
     key: str  # checkpoint key
     index: int | None  # expert row of an expert-major fused tensor; None for a per-expert key
     mxfp4: bool = False  # `key` names MXFP4 tensors: key + MXFP4 and key + MXFP4_SCALES, dequantised on read
+
+
+def auto_class(config):
+    """The transformers Auto class that builds a checkpoint for text generation: its causal LM, or else its
+    vision-language model (Qwen3-VL-MoE, GLM-4.5V: these generate from text alone too); None if neither."""
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if auto._model_mapping.get(type(config), None) is not None:
+            return auto
+    return None
 
 
 def experts_classes(model_class: type, stand_in: bool = True) -> list[type]:

@@ -45,6 +45,11 @@ _FAMILY_OVERRIDES = {
     "glm_moe_dsa": dict(num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
                         qk_rope_head_dim=8, v_head_dim=8, head_dim=8, n_shared_experts=1, index_n_heads=2,
                         index_head_dim=16, index_topk=4),
+    "glm4v_moe_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                            "mrope_section": [1, 1, 0]}),  # sections of the rotary half: 8 * 0.5 / 2
+    "mistral_large4_text": dict(num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+                                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, head_dim=8, n_shared_experts=1,
+                                index_n_heads=2, index_head_dim=16, index_topk=4),
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_state=8, mamba_d_head=16, layer_types=["mamba", "attention", "mamba"]),
 }
 # Vision-language families, built as released (a ...ForConditionalGeneration whose text model holds the experts):
@@ -55,6 +60,12 @@ _COMPOSITE = {
     "llama4": ("llama4_text", dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
                                    projector_output_dim=32), {}),
+    "qwen3_vl_moe": ("qwen3_vl_moe_text", dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2,
+                                               out_hidden_size=32, deepstack_visual_indexes=[0]), {}),
+    "glm4v_moe": ("glm4v_moe_text", dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32),
+                  {}),
+    "mistral_large4": ("mistral_large4_text", dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, head_dim=16, image_size=28, patch_size=14), {}),
     "gemma4": ("gemma4_text", dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    num_key_value_heads=2, head_dim=16), dict(audio_config=None)),
 }

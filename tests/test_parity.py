@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 import activemoe
 from activemoe.cache_meta import SlotState
 from activemoe.config import CacheConfig, EngineConfig
+from activemoe.engine import plain_model
 from activemoe.errors import UserError
 from activemoe.loader import Loader
 from activemoe.runtime import ExpertRuntime
@@ -27,7 +28,7 @@ GEN = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, output_logits=
 
 
 def _reference(model_dir):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = plain_model(model_dir, "float32")
     return model.generate(PROMPT, **GEN)
 
 
@@ -302,7 +303,7 @@ def test_engine_generate_stats_and_streaming(checkpoint):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_parity_cuda(family, grouped_hits, checkpoint):
     model_dir = checkpoint(family)
-    ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to("cuda")
+    ref_model = plain_model(model_dir, "float32").to("cuda")
     ref = ref_model.generate(PROMPT.cuda(), **GEN)
     eng = activemoe.load(model_dir, EngineConfig(device="cuda", cache=CacheConfig(num_slots=4),
                                                  grouped_hits=grouped_hits))

@@ -428,15 +428,14 @@ def test_trace_record_new_tokens_records_bench_workload(tmp_path, capsys):
     assert_user_error(capsys, [*base, "--new-tokens", "-1", "--out", str(out)], "--new-tokens at least 0")
 
 
-@pytest.mark.parametrize("family,top_k", [("qwen3_5_moe", 2), ("gemma4", 2), ("llama4", 1)])
+@pytest.mark.parametrize("family,top_k", [("qwen3_5_moe", 2), ("gemma4", 2), ("llama4", 1), ("qwen3_vl_moe", 2)])
 def test_vision_language_checkpoints_record_train_and_predict(checkpoint, family, top_k, tmp_path):
-    """Qwen3.5-MoE, Gemma 4 and Llama 4 (top-1, as released) come as vision-language checkpoints, whose config
+    """Qwen3.5-MoE, Gemma 4, Llama 4 (top-1, as released) and Qwen3-VL-MoE (which transformers builds only as a
+    vision-language model, not as a causal LM) come as vision-language checkpoints, whose config
     keeps top-k and the hidden size in its text config: traces record, learned heads train on them, and the
     learned predictor keeps parity while it prefetches."""
-    from transformers import AutoModelForCausalLM
-
     from activemoe.config import CacheConfig, PrefetchConfig
-    from tests.test_parity import GEN, PROMPT, _assert_parity
+    from tests.test_parity import GEN, PROMPT, _assert_parity, _reference
 
     model_dir = checkpoint(family, top_k=top_k)
     with activemoe.load(model_dir, EngineConfig.tiny(num_slots=24)) as eng:
@@ -449,7 +448,7 @@ def test_vision_language_checkpoints_record_train_and_predict(checkpoint, family
     cfg = EngineConfig(cache=CacheConfig(num_slots=6, policy="slru"),
                        prefetch=PrefetchConfig(predictor="learned", lookahead=2,
                                                predictor_file=str(tmp_path / "h.safetensors")))
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).generate(PROMPT, **GEN)
+    ref = _reference(model_dir)
     with activemoe.load(model_dir, cfg) as eng:
         _assert_parity(ref, eng.model.generate(PROMPT, **GEN))
         out = eng.generate(PROMPT[0].tolist(), max_new_tokens=8, sampling=SamplingConfig(do_sample=False))
