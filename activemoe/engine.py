@@ -26,8 +26,8 @@ from activemoe.compressed import CompressedStore, Int4Substitute
 from activemoe.config import (EXPERTS_ON, ROUTING, CacheConfig, EngineConfig, PrefetchConfig, SamplingConfig,
                               chunk_bytes_for)
 from activemoe.errors import UserError
-from activemoe.families import (auto_class, experts_classes, experts_without_weights, offloaded_modules, router_parts, routers,
-                                unsupported_message)
+from activemoe.families import (auto_class, experts_classes, experts_without_weights, offloaded_modules, router_parts,
+                                routers, unsupported_message)
 from activemoe.hardware import pinned_h2d_gbps, profile_host_expert
 from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
 from activemoe.loader import Loader
