@@ -27,7 +27,7 @@ TESTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", 
                    "mimo_v2_flash", "solar_open", "exaone_moe", "cohere2_moe", "afmoe", "laguna", "flex_olmo",
                    "granitemoeshared", "qwen3_5_moe", "qwen3_5_moe_text", "gemma4", "gemma4_text", "llama4", "llama4_text",
                    "kimi_linear", "glm_moe_dsa", "granitemoehybrid", "qwen3_vl_moe", "glm4v_moe",
-                   "mistral_large4")
+                   "mistral_large4", "flint", "granitemoe_swa", "hy_v4", "kolibri1", "mellum")
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|bias)$")
