@@ -85,8 +85,7 @@ def cmd_generate(args) -> int:
         raise UserError("--max-new-tokens must be at least 1")
     cache = cli_tools.memory_cache(args, CacheConfig.slot_fraction, policy=args.policy,
                                    first_layer_reserve=not args.no_first_layer_reserve)
-    if args.lookahead < 1 or args.issue_window < 1:
-        raise UserError("--lookahead and --issue-window must be at least 1")
+    cli_tools.check_prefetch_flags([args.lookahead], args.issue_window)
     config = EngineConfig(device=args.device, dtype=args.dtype, cache=cache, store=args.store, routing=args.routing,
                           experts_on=args.experts_on, link=LinkConfig(link_gbps=args.link_gbps),
                           replay_routing=args.replay_routing, precision=args.precision, late_miss=args.late_miss,

@@ -13,7 +13,7 @@ from pathlib import Path
 from activemoe.atomic import emit_json, write_atomic
 from activemoe.bench import (BenchConfig, BenchRow, cache_config, compare_grid, default_baselines, link_speed,
                              run_bench)
-from activemoe.cli_tools import add_dtype_flag, add_grouped_hits_flag, add_issue_window_flag
+from activemoe.cli_tools import add_dtype_flag, add_grouped_hits_flag, add_issue_window_flag, check_prefetch_flags
 from activemoe.config import CacheConfig, EngineConfig, LinkConfig, PrefetchConfig
 from activemoe.errors import UserError
 
@@ -88,8 +88,7 @@ def _config(args, baselines: tuple[str, ...], prompt_lengths, batch_sizes, cache
     link = args.link_gbps if args.link_gbps is not None else (CPU_LINK_GBPS if args.device == "cpu" else None)
     if link is not None and link <= 0:
         raise UserError("--link-gbps must be positive")
-    if args.lookahead < 1 or args.issue_window < 1:
-        raise UserError("--lookahead and --issue-window must be at least 1")
+    check_prefetch_flags([args.lookahead], args.issue_window)
     if args.replay_routing and not Path(args.replay_routing).is_file():
         raise UserError(f"trace file {args.replay_routing} does not exist")
     measured = None

@@ -129,8 +129,9 @@ def _configs(args, workload) -> list:
         lookaheads = [int(v) for v in _values(args, "lookahead", "1")]
     except ValueError:
         raise UserError("--lookahead takes integers") from None
-    if min(lookaheads) < 1 or args.issue_window < 1:
-        raise UserError("--lookahead and --issue-window must be at least 1")
+    from activemoe.cli_tools import check_prefetch_flags  # cli_tools imports this module
+
+    check_prefetch_flags(lookaheads, args.issue_window)
     if args.predict_us < 0:
         raise UserError("--predict-us must not be negative")
     if not 0 <= args.prefill < workload.num_tokens:

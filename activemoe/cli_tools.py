@@ -55,6 +55,12 @@ def add_issue_window_flag(p) -> None:
                         f"routes first (default {PrefetchConfig.issue_window})")
 
 
+def check_prefetch_flags(lookaheads: list[int], issue_window: int) -> None:
+    """--lookahead (each value of a sweep) and --issue-window, as generate, bench, compare and simulate take them."""
+    if min(lookaheads) < 1 or issue_window < 1:
+        raise UserError("--lookahead and --issue-window must be at least 1")
+
+
 def add_memory_flags(p, default: str) -> None:
     """Where the model computes and how much of it the device holds, shared by every command that runs a
     model: --device, one of --cache-experts / --expert-memory / --gpu-memory (`default` when none), --context

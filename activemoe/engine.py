@@ -374,9 +374,10 @@ def checkpoint_dtype(model_dir: str | Path, name: str) -> torch.dtype:
 def plain_model(model_dir: str | Path, dtype_name: str = "auto") -> torch.nn.Module:
     """The checkpoint as plain transformers loads it to generate text (the baselines' and the tests' reference)."""
     config = checkpoint_config(model_dir)
-    if auto_class(config) is None:
+    auto = auto_class(config)
+    if auto is None:
         raise UserError(unsupported_message(config.model_type))
-    return auto_class(config).from_pretrained(model_dir, dtype=compute_dtype(config, dtype_name))
+    return auto.from_pretrained(model_dir, dtype=compute_dtype(config, dtype_name))
 
 
 def checkpoint_dtype_name(model_dir: str | Path, name: str) -> str:

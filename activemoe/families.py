@@ -69,7 +69,7 @@ def experts_classes(model_class: type, stand_in: bool = True) -> list[type]:
     """The registry-dispatched experts classes in the module that defines `model_class`; for Llama 4 the
     stand-in ActiveMoE builds (llama4.py), or with `stand_in` False the class transformers builds."""
     if llama4.serves(model_class):
-        return [llama4.Llama4Experts if stand_in else llama4.Llama4Experts.__mro__[1]]
+        return [llama4.Llama4Experts if stand_in else llama4.TRANSFORMERS_EXPERTS]
     module = sys.modules[model_class.__module__]
     return [obj for obj in vars(module).values()
             if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and hasattr(obj, "_apply_gate")]

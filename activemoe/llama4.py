@@ -21,8 +21,11 @@ from transformers.integrations.moe import use_experts_implementation
 from transformers.models.llama4 import modeling_llama4 as llama4
 
 
+TRANSFORMERS_EXPERTS = llama4.Llama4TextExperts  # the class transformers builds (a plain model: the baselines)
+
+
 @use_experts_implementation(is_transposed=True)
-class Llama4Experts(llama4.Llama4TextExperts):
+class Llama4Experts(TRANSFORMERS_EXPERTS):
     """Llama4TextExperts as an ExpertsInterface class: forward(rows, top_k_index, top_k_weights)."""
 
 
