@@ -11,9 +11,10 @@ from dataclasses import asdict, replace
 
 from activemoe.config import CacheConfig, PrefetchConfig
 from activemoe.errors import UserError
-from activemoe.policies import POLICIES
+from activemoe.policies import LEARNED_POLICIES, POLICIES
 
-SWEEP_DEFAULTS = {"cache": "5%,10%,25%,50%", "policy": ",".join(POLICIES), "predictor": "none,oracle",
+SWEEP_DEFAULTS = {"cache": "5%,10%,25%,50%", "policy": ",".join(p for p in POLICIES if p not in LEARNED_POLICIES),
+                  "predictor": "none,oracle",
                   "lookahead": "1,2,3"}
 
 
@@ -40,7 +41,8 @@ def add_parser(sub) -> None:
                                        "trace recorded with --hidden, and --predictor-file), or oracle@RECALL (an "
                                        "oracle degraded to that recall); a list sweeps (default none)")
     p.add_argument("--predictor-file", help="the learned heads (`activemoe train-predictor`, or a model "
-                                            "directory's activemoe-predictor.safetensors) for --predictor learned")
+                                            "directory's activemoe-predictor.safetensors) for --predictor learned "
+                                            "and --policy reuse")
     p.add_argument("--predict-us", type=float, default=0.0,
                    help="virtual microseconds charged per predictor call, e.g. its measured cost on the machine "
                         "the profile describes (default 0: the cost model has no predictor)")
@@ -162,6 +164,20 @@ def _learned(args, configs, workload) -> dict[int, object]:
     return {k: LearnedPredictor(heads, list(workload.layers), k) for k in lookaheads}
 
 
+def _reuse(args, configs, workload):
+    """The reuse heads of --predictor-file, when a config's policy is reuse (else None)."""
+    if not any(c.cache.policy in LEARNED_POLICIES for c in configs):
+        return None
+    if workload.hidden is None:
+        raise UserError("--policy reuse reads hidden states: give a --trace recorded with --hidden")
+    if not args.predictor_file:
+        raise UserError("--policy reuse needs --predictor-file (a predictor file with reuse heads, e.g. a model "
+                        "directory's activemoe-predictor.safetensors)")
+    from activemoe.reuse import load_reuse_heads
+
+    return load_reuse_heads(args.predictor_file, workload.shape_id or "")
+
+
 def cmd_simulate(args) -> int:
     from activemoe.presets import shape_preset
     from activemoe.simulate import simulate
@@ -170,8 +186,8 @@ def cmd_simulate(args) -> int:
     workload = _workload(args, shape)
     cost = _cost(args, shape)
     configs = _configs(args, workload)
-    learned = _learned(args, configs, workload)
-    results = [simulate(workload, c, cost, learned=learned.get(c.prefetch.lookahead)) for c in configs]
+    learned, reuse = _learned(args, configs, workload), _reuse(args, configs, workload)
+    results = [simulate(workload, c, cost, learned=learned.get(c.prefetch.lookahead), reuse=reuse) for c in configs]
     if not args.json:
         total = len(workload.layers) * workload.num_experts
         print(f"SIMULATED (virtual clock) decode of {workload.num_tokens - args.prefill} tokens, {workload.label}; "

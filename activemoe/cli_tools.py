@@ -252,6 +252,13 @@ def _add_predictor_commands(sub) -> None:
                         "e.g. 512,64: 0 for linear heads only (default 64)")
     p.add_argument("--no-context", dest="context", action="store_false",
                    help="heads read only the source layer's input, not the previous token's target-layer input")
+    p.add_argument("--reuse-horizon", type=int, default=3,
+                   help="also train reuse heads (what `--policy reuse` evicts by): per MoE layer, which experts it "
+                        "routes to again within this many tokens; 0: none (default 3). Best on a trace with decode "
+                        "steps (`trace record --new-tokens`)")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="train only the reuse heads and add them to the existing --out file, keeping its "
+                        "lookahead heads")
     e = sub.add_parser("predict-eval", help="recall@k and precision@k of each predictor on a trace",
                        description="Teacher-forced evaluation of pregate, history and learned predictors on a "
                                    "trace: recall@k / precision@k per target layer and lookahead at a budget of "
@@ -323,14 +330,31 @@ def cmd_trace(args) -> int:
 
 def cmd_train_predictor(args) -> int:
     from activemoe import engine
-    from activemoe.learned import mlp_widths, save_heads, train_heads
+    from activemoe.atomic import save_safetensors_atomic
+    from activemoe.learned import mlp_widths, read_sidecar, save_heads, train_heads
+    from activemoe.reuse import train_reuse_heads
     from activemoe.trace import load_trace
 
     try:  # checked before the trace (gigabytes) is read
         widths = mlp_widths([int(w) for w in args.mlp_width.split(",")])
     except ValueError:
         raise UserError(f"--mlp-width must be integers separated by commas, got {args.mlp_width!r}") from None
+    if args.reuse_horizon < 0 or (args.reuse_only and args.reuse_horizon < 1):
+        raise UserError("--reuse-horizon must be at least 1 with --reuse-only, and never negative")
+    if args.reuse_only:  # checked before the trace is read
+        kept, kept_meta = read_sidecar(args.out, None)
     trace = load_trace(args.trace)
+    reuse = None
+    if args.reuse_horizon:
+        with progress_bar("training reuse heads") as on_progress:
+            reuse = train_reuse_heads(trace, args.reuse_horizon, on_progress=on_progress)
+    if args.reuse_only:
+        if kept_meta.get("shape_id") != trace.meta.get("shape_id"):
+            raise UserError(f"{args.out} was trained for another model than the trace's")
+        tensors = {k: t for k, t in kept.items() if not k.startswith("reuse.")} | reuse.tensors()
+        save_safetensors_atomic(tensors, args.out, kept_meta | reuse.meta())
+        print(json.dumps({"predictor_file": args.out, "reuse_heads": len(reuse.heads), "reuse_horizon": reuse.horizon}))
+        return 0
     routers = None
     if args.model:
         with engine.load(args.model, EngineConfig()) as eng:
@@ -340,8 +364,10 @@ def cmd_train_predictor(args) -> int:
         heads = train_heads(trace, args.lookahead, routers, epochs=args.epochs, mlp_width=widths,
                             context=args.context, on_progress=on_progress)
     meta = {k: trace.meta[k] for k in ("model_type", "num_experts", "top_k", "hidden_size", "layers", "shape_id")}
-    save_heads(args.out, heads, {**meta, "lookahead": str(args.lookahead)})
-    print(json.dumps({"predictor_file": args.out, "heads": len(heads), "lookahead": args.lookahead}))
+    meta["lookahead"] = str(args.lookahead)
+    save_heads(args.out, heads, meta | (reuse.meta() if reuse else {}), reuse.tensors() if reuse else None)
+    print(json.dumps({"predictor_file": args.out, "heads": len(heads), "lookahead": args.lookahead,
+                      "reuse_heads": len(reuse.heads) if reuse else 0}))
     return 0
 
 

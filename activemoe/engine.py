@@ -32,7 +32,7 @@ from activemoe.hardware import pinned_h2d_gbps, profile_host_expert
 from activemoe.learned import SIDECAR, LearnedPredictor, load_heads
 from activemoe.loader import Loader
 from activemoe.loader_core import first_layer_reserve
-from activemoe.policies import FUTURE_POLICIES, Belady, make_policy
+from activemoe.policies import FUTURE_POLICIES, LEARNED_POLICIES, Belady, Reuse, make_policy
 from activemoe.plan import MemoryPlan, ModelShape, kv_bytes_per_token, plan
 from activemoe.pregated import PregatedRouting
 from activemoe.predictors import (PREDICTORS, AdaptivePredictor, HistoryPredictor, NoPredictor, OraclePredictor,
@@ -42,6 +42,7 @@ from activemoe.scheduler import PrefetchScheduler
 from activemoe.slots import CompressedSlab, EmulatedLink, SlotSlab
 from activemoe.store import TIERS, CheckpointIndex, ExpertStore, model_dir_of
 from activemoe.replay import ReplayRouting
+from activemoe.reuse import ReuseScorer, load_reuse_heads
 from activemoe.trace import Recorder, Trace, load_trace, shape_id
 
 log = logging.getLogger(__name__)
@@ -563,6 +564,10 @@ def load(model_dir: str | Path, config: EngineConfig = EngineConfig(),
                             experts_on=config.experts_on, miss_cost=miss_cost, late_miss=late_miss,
                             stream_prefill=prefetch.stream_prefill and prefetch.predictor != "none",
                             grouped_hits=config.grouped_hits)
+    if config.cache.policy in LEARNED_POLICIES and not everything_fits:
+        runtime.reuse_scorer = ReuseScorer(load_reuse_heads(_sidecar(prefetch, model), _shape_id(
+            model.config, list(experts), store.num_experts)), store.num_experts)
+        loader.cache.policy = Reuse(runtime.reuse_scorer.score)
     for layer, module in experts.items():
         module._activemoe_runtime, module._activemoe_layer = runtime, layer
     model.get_input_embeddings().register_forward_hook(lambda _module, _args, out: runtime.tokens(out))
@@ -606,12 +611,16 @@ def _predictor(prefetch: PrefetchConfig, model, experts: dict, num_experts: int)
 def _learned(prefetch: PrefetchConfig, model, layers: list[int], num_experts: int,
              required: bool = True) -> LearnedPredictor | None:
     """Learned heads from --predictor-file or the model directory's sidecar (None if optional and absent)."""
-    c = model.config
-    sidecar = Path(prefetch.predictor_file) if prefetch.predictor_file else Path(c.name_or_path) / SIDECAR
+    sidecar = _sidecar(prefetch, model)
     if not required and not sidecar.is_file():
         return None
-    return LearnedPredictor(load_heads(sidecar, _shape_id(c, layers, num_experts)), layers, prefetch.lookahead,
-                            next(model.parameters()).device)
+    return LearnedPredictor(load_heads(sidecar, _shape_id(model.config, layers, num_experts)), layers,
+                            prefetch.lookahead, next(model.parameters()).device)
+
+
+def _sidecar(prefetch: PrefetchConfig, model) -> Path:
+    """--predictor-file, or the model directory's sidecar."""
+    return Path(prefetch.predictor_file) if prefetch.predictor_file else Path(model.config.name_or_path) / SIDECAR
 
 
 def _shape_id(config, layers: list[int], num_experts: int) -> str:

@@ -142,13 +142,17 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
     return heads
 
 
-def save_heads(path: str | os.PathLike, heads: Heads, meta: dict[str, str]) -> None:
+def save_heads(path: str | os.PathLike, heads: Heads, meta: dict[str, str], extra: dict[str, torch.Tensor] | None = None
+               ) -> None:
+    """The sidecar: the lookahead heads, plus `extra` tensors (reuse heads: reuse.ReuseHeads.tensors)."""
     tensors = {f"head.{src}.{k}.{name}": t for (src, k), head in heads.items()
                for name in _TENSORS if (t := getattr(head, name)) is not None}
-    save_safetensors_atomic(tensors, path, {**meta, "format": "activemoe-predictor", "version": VERSION})
+    save_safetensors_atomic({**tensors, **(extra or {})}, path,
+                            {**meta, "format": "activemoe-predictor", "version": VERSION})
 
 
-def load_heads(path: str | os.PathLike, expected_shape_id: str) -> Heads:
+def read_sidecar(path: str | os.PathLike, expected_shape_id: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A predictor file's tensors and metadata, checked to be one for this model (None: any model)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"predictor file {path} does not exist; train one with `activemoe train-predictor`")
@@ -163,13 +167,19 @@ def load_heads(path: str | os.PathLike, expected_shape_id: str) -> Heads:
     if meta.get("version") != VERSION:
         raise UserError(f"predictor file {path} has version {meta.get('version')}; this ActiveMoE reads version "
                         f"{VERSION}: train it again with `activemoe train-predictor`")
-    if meta.get("shape_id") != expected_shape_id:
+    if expected_shape_id is not None and meta.get("shape_id") != expected_shape_id:
         raise UserError(f"predictor file {path} was trained for another model ({meta.get('model_type')}, shape "
                         f"{meta.get('shape_id')}); train one for this model")
+    return tensors, meta
+
+
+def load_heads(path: str | os.PathLike, expected_shape_id: str) -> Heads:
+    tensors, _ = read_sidecar(path, expected_shape_id)
     heads: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        _, src, k, name = key.split(".", 3)
-        heads.setdefault((int(src), int(k)), {})[name] = t.float()
+        if key.startswith("head."):  # (reuse.* are the reuse heads: reuse.py)
+            _, src, k, name = key.split(".", 3)
+            heads.setdefault((int(src), int(k)), {})[name] = t.float()
     try:
         return {key: Head(**parts) for key, parts in heads.items()}
     except TypeError as e:

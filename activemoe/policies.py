@@ -149,13 +149,30 @@ class Belady(EvictionPolicy):
         return speculative and due is not None and -priority[0] <= due  # later slots are needed sooner
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "lfru": LFRU, "slru": SLRU, "belady": Belady}
+class Reuse(EvictionPolicy):
+    """Evicts the expert least likely to be routed again soon: `score(expert)`, the learned reuse heads' logit
+    that its layer routes to it within the next few tokens (reuse.ReuseScorer, updated as each layer routes);
+    ties go to the least recently used. Scores change at every layer, so the evict loop scans."""
+
+    name = "reuse"
+
+    def __init__(self, score: Callable[[ExpertId], float]):
+        self.score = score
+
+    def priority(self, meta: SlotMeta, now: int) -> tuple:
+        return (self.score(meta.expert), meta.last_use)
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "lfru": LFRU, "slru": SLRU, "belady": Belady,
+                                             "reuse": Reuse}
 FUTURE_POLICIES = ("belady",)  # need the future: only with the oracle predictor (or in simulation)
+LEARNED_POLICIES = ("reuse",)  # need the reuse heads of a predictor file (and, simulated, a trace's hidden states)
 
 
 def make_policy(name: str) -> EvictionPolicy:
-    """A policy by name; future-knowing ones start as LRU until the future is known (see Belady)."""
-    if name in FUTURE_POLICIES:
+    """A policy by name; future-knowing and learned ones start as LRU until their inputs are wired (see Belady,
+    Reuse)."""
+    if name in FUTURE_POLICIES or name in LEARNED_POLICIES:
         return LRU()
     try:
         return POLICIES[name]()

@@ -158,6 +158,7 @@ class ExpertRuntime:
         self.decoding = False  # set by the engine once the prompt's forward is done
         self.announce = Announcer(budget)  # predictions -> loader requests (`budget` per target), live recall
         self.rest = Rest()  # when the predictor rests (rest.py)
+        self.reuse_scorer = None  # a reuse.ReuseScorer when the cache's policy is `reuse`: fed every layer's routing
 
     def begin(self) -> None:
         """A new generation: events restart at 0."""
@@ -167,6 +168,8 @@ class ExpertRuntime:
         self.rest.begin()
         self.announce.begin()
         self.predictor.begin()
+        if self.reuse_scorer is not None:
+            self.reuse_scorer.begin()
 
     @property
     def resting(self) -> bool:
@@ -219,6 +222,8 @@ class ExpertRuntime:
         if self.stream_prefill and not self.decoding and top_k_index.shape[0] > 1:
             predictions = self._streamed(layer, predictions)
         predicted = self.announce(event, routed, top_k_index.shape[-1], top_k_index.shape[0] == 1, predictions)
+        if self.reuse_scorer is not None:  # before the loads: their evictions rank by the scores it updates
+            self.reuse_scorer.observe(layer, hidden, top_k_index, parallel=self.decoding)
         if self.decoding:
             self.stats.decode_predict_s += time.perf_counter() - start
         ready, waiting = self.loader.begin_layer(event, [ExpertId(layer, e) for e in routed], predicted)

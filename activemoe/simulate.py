@@ -23,9 +23,10 @@ from activemoe.errors import UserError
 from activemoe.ids import ExpertId
 from activemoe.loader import QUEUE_DEPTH
 from activemoe.loader_core import LoaderCore, first_layer_reserve
-from activemoe.policies import Belady, make_policy
+from activemoe.policies import Belady, Reuse, make_policy
 from activemoe.predictors import TOKENS, Announcer, HistoryPredictor, NoPredictor, OraclePredictor, Prediction
 from activemoe.rest import Rest
+from activemoe.reuse import ReuseHeads, ReuseScorer
 from activemoe.scheduler import LoadTask, PrefetchScheduler
 from activemoe.workload import Event, Workload
 
@@ -167,9 +168,10 @@ def num_slots(cache: str, total_experts: int, top_k: int) -> int:
 
 
 def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes: list[int] | None = None,
-             learned=None) -> SimResult:
+             learned=None, reuse: ReuseHeads | None = None) -> SimResult:
     """Replay `workload` under `config` on the virtual clock of `cost`. `learned`: the LearnedPredictor
-    that config's predictor "learned" names; it reads the workload's hidden states, as the runtime's."""
+    that config's predictor "learned" names; `reuse`: the heads policy "reuse" ranks by. Both read the
+    workload's hidden states, as the runtime's."""
     events = workload.events(config.prefill_tokens)
     routing = [(e.layer, e.routed) for e in events]
     slots = config.cache.num_slots
@@ -177,11 +179,16 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
         raise UserError(f"the cache needs at least {workload.top_k} slots (one layer's top-k)")
     p = config.prefetch
     predictor, clock = _predictor(workload, config, routing, learned)
-    inputs = _Inputs(workload, predictor) if p.predictor == "learned" else None
-    policy = make_policy(config.cache.policy)
+    inputs = _Inputs(workload, predictor) if p.predictor == "learned" or config.cache.policy == "reuse" else None
+    policy, scorer = make_policy(config.cache.policy), None
     if config.cache.policy == "belady":
         future = OraclePredictor(routing, 1)
         policy = Belady(future.next_use, lambda: clock[0])
+    if config.cache.policy == "reuse":
+        if reuse is None:
+            raise UserError("policy reuse ranks experts by the reuse heads: give --predictor-file")
+        scorer = ReuseScorer(reuse, workload.num_experts)
+        policy = Reuse(scorer.score)
     cache = ExpertCache(slots, policy)
     chunk_bytes = chunk_bytes or _chunk_plan(cost.expert_bytes, chunk_bytes_for(p.chunk_bytes, cost.link_gbps))
     core = LoaderCore(cache, PrefetchScheduler(p.issue_window), len(chunk_bytes))
@@ -222,6 +229,9 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
             t += config.predict_s
             predicted = announce(event, ev.routed, workload.top_k, ev.tokens == 1,
                                  predictor.predict(event, ev.layer, hidden, index))
+        if scorer is not None:  # as the runtime: before the loads, with each token's routing
+            index = torch.from_numpy(workload.experts[ev.first:ev.first + ev.tokens, inputs.position[ev.layer]])
+            scorer.observe(ev.layer, inputs.hidden(ev), index, parallel=event >= n_prefill)
         routed = [ExpertId(ev.layer, e) for e in ev.routed]
         ready, waiting = core.begin_layer(event, routed, predicted)
         if waiting:
