@@ -13,6 +13,7 @@ lookahead heads. Legend: T rows, H hidden, E experts, K routed per token, M head
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -134,43 +135,73 @@ class ReuseScorer:
     the layer's decayed routing history and its head's scores, which `score` hands the Reuse policy. A
     prefill's rows are consecutive tokens (the history takes them in order, the scores come from the last);
     a decode batch's rows are parallel sequences (their mean routing enters the history, an expert scores
-    its best over the rows). Numpy on the host, as the learned lookahead heads (their matmuls are this small)."""
+    its best over the rows). Numpy on the host, as the learned lookahead heads (their matmuls are this small);
+    the first layer is split by input, so the routed one-hot is a sum of K rows, not a matmul. Only that
+    first matmul runs in `observe`; the rest of a layer's head runs when an eviction first asks for its
+    scores, or in `idle` (the runtime calls it while it waits on a load): when nothing is evicted, nothing
+    more is computed, and the scores are the same whenever they are."""
 
     def __init__(self, heads: ReuseHeads, num_experts: int):
         self.num_experts, self.decay = num_experts, 0.5 ** (1 / heads.half_life)
-        self.weights = {layer: (h.mlp_in.T.contiguous().numpy(), h.mlp_in_bias.numpy(), h.mlp_out.T.contiguous().numpy(),
-                                h.bias.numpy()) for layer, h in heads.heads.items()}
+        self.weights = {}
+        for layer, h in heads.heads.items():
+            w1 = h.mlp_in.T.contiguous().numpy()  # [H + 2E, M]
+            H = w1.shape[0] - 2 * num_experts
+            self.weights[layer] = (w1[:H], w1[H:H + num_experts], w1[H + num_experts:], h.mlp_in_bias.numpy(),
+                                   h.mlp_out.T.contiguous().numpy(), h.bias.numpy())
+        self._lock = threading.Lock()  # score() runs in the loader's evict loop, idle() on the compute path
         self.begin()
 
     def begin(self) -> None:
         self.history: dict[int, np.ndarray] = {}  # layer -> [E] decayed routing counts
         self.scores: dict[int, np.ndarray] = {}  # layer -> [E] logits of a return within the horizon
+        self.pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (first-layer part [t, M], history)
 
     def score(self, expert: ExpertId) -> float:
+        if expert.layer in self.pending:
+            with self._lock:
+                self._finish(expert.layer)
         scores = self.scores.get(expert.layer)
         return -np.inf if scores is None else float(scores[expert.expert])
 
-    def observe(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, parallel: bool) -> None:
-        """`hidden` [T, H] is the layer's MoE input, `top_k_index` [T, K] its routing; `parallel`: the rows are
-        a decode batch's sequences rather than consecutive tokens."""
+    def idle(self) -> bool:
+        """Finish one layer's scores; whether more wait."""
+        with self._lock:
+            if self.pending:
+                self._finish(next(iter(self.pending)))
+            return bool(self.pending)
+
+    def observe(self, layer: int, hidden: torch.Tensor, routed: list[int], parallel: bool) -> None:
+        """`hidden` [T, H] is the layer's MoE input, `routed` its routing, row by row ([T * K] expert ids);
+        `parallel`: the rows are a decode batch's sequences rather than consecutive tokens."""
         weights = self.weights.get(layer)
         if weights is None:
             return
-        T, E = top_k_index.shape[0], self.num_experts
-        onehot = np.zeros((T, E), np.float32)
-        np.put_along_axis(onehot, top_k_index.numpy(force=True).astype(np.intp), 1.0, 1)
-        history = self.history.get(layer, np.zeros(E, np.float32))
+        w_hidden, w_routed = weights[:2]
+        T = hidden.shape[0]
+        rows = np.asarray(routed, dtype=np.intp).reshape(T, -1)  # [T, K]
+        history = self.history.get(layer)
+        history = np.zeros(self.num_experts, np.float32) if history is None else history
         if parallel:
-            history = history * self.decay + onehot.mean(0)
-            x, side = hidden, np.broadcast_to(history, (T, E))
+            history = history * self.decay
+            np.add.at(history, rows, 1.0 / T)
+            x, part = hidden, w_routed[rows].sum(1)  # [T, H], [T, M]
         else:
             steps = self.decay ** np.arange(T - 1, -1, -1, dtype=np.float32)  # [T] the last row weighs 1
-            history = history * self.decay ** T + steps @ onehot
-            x, onehot, side = hidden[-1:], onehot[-1:], history[None]
+            history = history * self.decay ** T
+            np.add.at(history, rows, steps[:, None])
+            x, part = hidden[-1:], w_routed[rows[-1]].sum(0)  # [1, H], [M]
         self.history[layer] = history
-        w1, b1, w2, b2 = weights
-        features = np.concatenate([x.float().numpy(force=True), onehot, side], 1)  # [t, H + 2E]
-        pre = features @ w1 + b1
+        self.pending[layer] = (x.float().numpy(force=True) @ w_hidden + part, history)  # [t, M]
+
+    def _finish(self, layer: int) -> None:
+        """Under the lock: the rest of the head on a pending first-layer part."""
+        job = self.pending.pop(layer, None)
+        if job is None:
+            return
+        pre, history = job
+        _, _, w_history, b1, w2, b2 = self.weights[layer]
+        pre = pre + (history @ w_history + b1)
         self.scores[layer] = ((pre * (0.5 + 0.5 * np.tanh(pre / 2))) @ w2 + b2).max(0)  # silu, then [E]
 
 

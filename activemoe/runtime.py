@@ -223,7 +223,7 @@ class ExpertRuntime:
             predictions = self._streamed(layer, predictions)
         predicted = self.announce(event, routed, top_k_index.shape[-1], top_k_index.shape[0] == 1, predictions)
         if self.reuse_scorer is not None:  # before the loads: their evictions rank by the scores it updates
-            self.reuse_scorer.observe(layer, hidden, top_k_index, parallel=self.decoding)
+            self.reuse_scorer.observe(layer, hidden, flat, parallel=self.decoding)
         if self.decoding:
             self.stats.decode_predict_s += time.perf_counter() - start
         ready, waiting = self.loader.begin_layer(event, [ExpertId(layer, e) for e in routed], predicted)
@@ -257,7 +257,8 @@ class ExpertRuntime:
                             self.stats.host_computed += 1
                     if not pending:
                         break
-                eid, slot = self.loader.wait_any(pending, self._idle if hasattr(self.predictor, "idle") else None)
+                idle = hasattr(self.predictor, "idle") or self.reuse_scorer is not None
+                eid, slot = self.loader.wait_any(pending, self._idle if idle else None)
                 pending.discard(eid)
                 landed = [(eid, slot)]
                 if self.grouped_hits and one:  # misses that landed together: one grouped call
@@ -298,7 +299,8 @@ class ExpertRuntime:
     def _idle(self) -> bool:
         """A piece of the predictor's deferred work, while the compute path waits on a load."""
         start = time.perf_counter()
-        more = self.predictor.idle()
+        more = hasattr(self.predictor, "idle") and self.predictor.idle()
+        more = (self.reuse_scorer is not None and self.reuse_scorer.idle()) or more
         if self.decoding:
             self.stats.decode_predict_waiting_s += time.perf_counter() - start
         return more

@@ -230,8 +230,8 @@ def simulate(workload: Workload, config: SimConfig, cost: CostModel, chunk_bytes
             predicted = announce(event, ev.routed, workload.top_k, ev.tokens == 1,
                                  predictor.predict(event, ev.layer, hidden, index))
         if scorer is not None:  # as the runtime: before the loads, with each token's routing
-            index = torch.from_numpy(workload.experts[ev.first:ev.first + ev.tokens, inputs.position[ev.layer]])
-            scorer.observe(ev.layer, inputs.hidden(ev), index, parallel=event >= n_prefill)
+            rows = workload.experts[ev.first:ev.first + ev.tokens, inputs.position[ev.layer]]  # [T, K]
+            scorer.observe(ev.layer, inputs.hidden(ev), rows.reshape(-1).tolist(), parallel=event >= n_prefill)
         routed = [ExpertId(ev.layer, e) for e in ev.routed]
         ready, waiting = core.begin_layer(event, routed, predicted)
         if waiting:
