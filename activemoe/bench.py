@@ -18,6 +18,7 @@ from activemoe.config import CacheConfig, EngineConfig
 from activemoe.engine import check_context, checkpoint_config, encode_text, load_tokenizer, model_shape
 from activemoe.errors import UserError
 from activemoe.learned import SIDECAR
+from activemoe.reuse import has_reuse_heads
 from activemoe.trace import HELDOUT_LIST, split_texts
 
 Progress = Callable[[str], None]  # called before each run with a description
@@ -66,8 +67,11 @@ class BenchRow:
 
 
 def default_baselines(model_dir: Path) -> tuple[str, ...]:
-    """The baselines, plus the learned predictor (with SLRU and with LFRU) when the model directory ships its heads."""
-    learned = ("learned+slru@3", "learned+lfru@3") if (model_dir / SIDECAR).is_file() else ()
+    """The baselines, plus the learned predictor (with SLRU and with LFRU, and with the reuse policy when the file
+    has reuse heads) when the model directory ships its heads."""
+    sidecar = model_dir / SIDECAR
+    learned = ("learned+slru@3", "learned+lfru@3") if sidecar.is_file() else ()
+    learned += ("learned+reuse@3",) if has_reuse_heads(sidecar) else ()
     return BenchConfig.__dataclass_fields__["baselines"].default + learned
 
 

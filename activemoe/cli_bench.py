@@ -53,7 +53,8 @@ def add_parsers(sub) -> None:
                                    "speed on CUDA.")
     _common(p)
     p.add_argument("--baselines", help="comma-separated baselines (default: transformers,accelerate,reactive,host,"
-                                       "pregate+slru@3, and learned+slru@3,learned+lfru@3 when the model ships learned heads)")
+                                       "pregate+slru@3, and learned+slru@3,learned+lfru@3 when the model ships learned heads, "
+                                       "learned+reuse@3 when they include reuse heads)")
     p.add_argument("--prompt-lengths", default="16,128,512", help="prompt tokens, comma-separated (default 16,128,512)")
     p.add_argument("--batch-size", default="1", help="batch sizes, comma-separated, e.g. 1,4,8 (default 1)")
     p.add_argument("--cache", default="25%", help="expert slots: a share of all experts (25%%) or a count (default 25%%)")

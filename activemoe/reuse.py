@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 
 from activemoe.errors import UserError
 from activemoe.ids import ExpertId
@@ -203,6 +204,15 @@ class ReuseScorer:
         _, _, w_history, b1, w2, b2 = self.weights[layer]
         pre = pre + (history @ w_history + b1)
         self.scores[layer] = ((pre * (0.5 + 0.5 * np.tanh(pre / 2))) @ w2 + b2).max(0)  # silu, then [E]
+
+
+def has_reuse_heads(path) -> bool:
+    """Whether a predictor file holds reuse heads (reads its header only)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return any(k.startswith("reuse.") for k in f.keys())
+    except (SafetensorError, OSError):
+        return False
 
 
 def load_reuse_heads(path, expected_shape_id: str) -> ReuseHeads:

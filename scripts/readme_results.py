@@ -301,6 +301,9 @@ def section() -> str:
              optional(bench_table, "bench_headline_cpu/bench.json",
                       "activemoe bench --model activemoe/assets/tiny-moe --baselines reactive,learned+lfru@2,learned+lfru@3,"
                       "oracle+belady@3 --prompt-lengths 16,128,256,512 --out bench/results/bench_headline_cpu"),
+             optional(bench_table, "bench_reuse_cpu/bench.json",
+                      "activemoe bench --model activemoe/assets/tiny-moe --baselines reactive,learned+lfru@3,learned+reuse@3 "
+                      "--prompt-lengths 16,128,256,512 --out bench/results/bench_reuse_cpu"),
              optional(compare), optional(resident), optional(cuda_step, "cuda_chunks_h100.json", "Copy chunks on CUDA"),
              optional(cuda_step, "cuda_grouped_hits_h100.json", "Grouped hits on CUDA"), gpu_suites()]
     intro = (f"All figures below are **measured** on {machines()}, one torch thread (wall clock; load memory as peak "

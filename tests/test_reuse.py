@@ -15,10 +15,11 @@ from activemoe.ids import ExpertId
 from activemoe.learned import load_heads, save_heads, train_heads
 from activemoe.policies import Reuse
 from activemoe.reuse import ReuseScorer, examples, load_reuse_heads, train_reuse_heads
-from activemoe.trace import Trace
+from activemoe.trace import Trace, load_trace
 from tests.test_cache import access
 from tests.test_cli import assert_user_error
 from tests.test_parity import GEN, PROMPT, _assert_parity, _reference
+from tests.test_trace import record_chunks
 
 
 def _trace(experts: list[list[int]], tokens: list[int], hidden: torch.Tensor, num_experts: int = 8) -> Trace:
@@ -95,15 +96,12 @@ def test_reuse_evicts_the_lowest_score_then_the_least_recently_used():
 
 @pytest.fixture(scope="module")
 def sidecar(checkpoint, tmp_path_factory):
-    """A qwen3_moe checkpoint, a trace of it with decode steps, and a sidecar with lookahead and reuse heads."""
+    """A qwen3_moe checkpoint, a trace of it, and a sidecar with lookahead and reuse heads."""
     model_dir = checkpoint("qwen3_moe")
     tmp = tmp_path_factory.mktemp("reuse")
-    with activemoe.load(model_dir, EngineConfig.tiny(num_slots=24)) as eng:
-        chunks = [torch.randint(3, 90, (40,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
-        trace = eng.record_trace(chunks, keep_hidden=True)
-        shape = eng.shape_id
     path = tmp / "t.trace"
-    trace.save(path)
+    shape = record_chunks(model_dir, path)
+    trace = load_trace(path)
     reuse = train_reuse_heads(trace, horizon=2, width=8, epochs=2)
     heads = train_heads(trace, lookahead=2, epochs=3, mlp_width=8)
     out = tmp / "h.safetensors"
@@ -177,3 +175,15 @@ def test_the_simulator_runs_the_reuse_policy(sidecar, capsys, tmp_path):
     assert main(base + ["--predictor-file", str(out)]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
     assert [r["config"].split()[2] for r in rows] == ["lru", "reuse"] and all(r["tokens"] > 0 for r in rows)
+
+
+def test_the_bench_adds_the_reuse_policy_when_the_sidecar_has_its_heads(sidecar, tmp_path):
+    from activemoe.bench import default_baselines
+    from activemoe.learned import SIDECAR
+
+    _, _, out, shape = sidecar
+    assert not [b for b in default_baselines(tmp_path) if "learned" in b]
+    (tmp_path / SIDECAR).write_bytes(out.read_bytes())
+    assert default_baselines(tmp_path)[-3:] == ("learned+slru@3", "learned+lfru@3", "learned+reuse@3")
+    save_heads(tmp_path / SIDECAR, load_heads(out, shape), {"shape_id": shape, "model_type": "qwen3_moe"})
+    assert default_baselines(tmp_path)[-2:] == ("learned+slru@3", "learned+lfru@3")

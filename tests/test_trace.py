@@ -17,17 +17,19 @@ from activemoe.trace import load_trace
 from tests.test_cli import assert_user_error
 
 
+def record_chunks(model_dir, path) -> str:
+    """Record four 40-token chunks of random ids (with hidden states) to `path`; returns the shape id."""
+    with activemoe.load(model_dir, EngineConfig.tiny(num_slots=24)) as eng:
+        chunks = [torch.randint(3, 90, (40,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
+        eng.record_trace(chunks, keep_hidden=True).save(path)
+        return eng.shape_id
+
+
 @pytest.fixture(scope="module")
 def recorded(checkpoint, tmp_path_factory):
     model_dir = checkpoint("qwen3_moe")
-    tmp = tmp_path_factory.mktemp("trace")
-    with activemoe.load(model_dir, EngineConfig.tiny(num_slots=24)) as eng:
-        chunks = [torch.randint(3, 90, (40,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
-        trace = eng.record_trace(chunks, keep_hidden=True)
-        shape = eng.shape_id
-    path = tmp / "t.trace"
-    trace.save(path)
-    return model_dir, path, shape
+    path = tmp_path_factory.mktemp("trace") / "t.trace"
+    return model_dir, path, record_chunks(model_dir, path)
 
 
 def test_trace_round_trip(recorded):
