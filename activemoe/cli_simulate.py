@@ -153,14 +153,10 @@ def _learned(args, configs, workload) -> dict[int, object]:
     lookaheads = sorted({c.prefetch.lookahead for c in configs if c.prefetch.predictor == "learned"})
     if not lookaheads:
         return {}
-    if workload.hidden is None:
-        raise UserError("--predictor learned reads hidden states: give a --trace recorded with --hidden")
-    if not args.predictor_file:
-        raise UserError("--predictor learned needs --predictor-file (the heads, e.g. a model directory's "
-                        "activemoe-predictor.safetensors)")
+    path = _heads_file(args, workload, "--predictor learned", "the heads")
     from activemoe.learned import LearnedPredictor, load_heads
 
-    heads = load_heads(args.predictor_file, workload.shape_id or "")
+    heads = load_heads(path, workload.shape_id or "")
     return {k: LearnedPredictor(heads, list(workload.layers), k) for k in lookaheads}
 
 
@@ -168,14 +164,20 @@ def _reuse(args, configs, workload):
     """The reuse heads of --predictor-file, when a config's policy is reuse (else None)."""
     if not any(c.cache.policy in LEARNED_POLICIES for c in configs):
         return None
-    if workload.hidden is None:
-        raise UserError("--policy reuse reads hidden states: give a --trace recorded with --hidden")
-    if not args.predictor_file:
-        raise UserError("--policy reuse needs --predictor-file (a predictor file with reuse heads, e.g. a model "
-                        "directory's activemoe-predictor.safetensors)")
+    path = _heads_file(args, workload, "--policy reuse", "a predictor file with reuse heads")
     from activemoe.reuse import load_reuse_heads
 
-    return load_reuse_heads(args.predictor_file, workload.shape_id or "")
+    return load_reuse_heads(path, workload.shape_id or "")
+
+
+def _heads_file(args, workload, flag: str, what: str) -> str:
+    """--predictor-file, for `flag`, which runs heads on the trace's hidden states."""
+    if workload.hidden is None:
+        raise UserError(f"{flag} reads hidden states: give a --trace recorded with --hidden")
+    if not args.predictor_file:
+        raise UserError(f"{flag} needs --predictor-file ({what}, e.g. a model directory's "
+                        "activemoe-predictor.safetensors)")
+    return args.predictor_file
 
 
 def cmd_simulate(args) -> int:

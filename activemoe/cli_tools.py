@@ -332,7 +332,7 @@ def cmd_train_predictor(args) -> int:
     from activemoe import engine
     from activemoe.atomic import save_safetensors_atomic
     from activemoe.learned import mlp_widths, read_sidecar, save_heads, train_heads
-    from activemoe.reuse import train_reuse_heads
+    from activemoe.reuse import PREFIX, train_reuse_heads
     from activemoe.trace import load_trace
 
     try:  # checked before the trace (gigabytes) is read
@@ -351,7 +351,7 @@ def cmd_train_predictor(args) -> int:
     if args.reuse_only:
         if kept_meta.get("shape_id") != trace.meta.get("shape_id"):
             raise UserError(f"{args.out} was trained for another model than the trace's")
-        tensors = {k: t for k, t in kept.items() if not k.startswith("reuse.")} | reuse.tensors()
+        tensors = {k: t for k, t in kept.items() if not k.startswith(PREFIX)} | reuse.tensors()
         save_safetensors_atomic(tensors, args.out, kept_meta | reuse.meta())
         print(json.dumps({"predictor_file": args.out, "reuse_heads": len(reuse.heads), "reuse_horizon": reuse.horizon}))
         return 0

@@ -46,6 +46,7 @@ class Head:
 
 
 Heads = dict[tuple[int, int], Head]  # (source layer, k) -> head
+HEAD_PREFIX = "head."  # a lookahead head's tensors in the sidecar: head.SOURCE.K.NAME (reuse heads: reuse.PREFIX)
 _TENSORS = ("weight", "bias", "context", "mlp_in", "mlp_in_bias", "mlp_out", "mlp_in_context")
 
 
@@ -145,21 +146,23 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
 def save_heads(path: str | os.PathLike, heads: Heads, meta: dict[str, str], extra: dict[str, torch.Tensor] | None = None
                ) -> None:
     """The sidecar: the lookahead heads, plus `extra` tensors (reuse heads: reuse.ReuseHeads.tensors)."""
-    tensors = {f"head.{src}.{k}.{name}": t for (src, k), head in heads.items()
+    tensors = {f"{HEAD_PREFIX}{src}.{k}.{name}": t for (src, k), head in heads.items()
                for name in _TENSORS if (t := getattr(head, name)) is not None}
     save_safetensors_atomic({**tensors, **(extra or {})}, path,
                             {**meta, "format": "activemoe-predictor", "version": VERSION})
 
 
-def read_sidecar(path: str | os.PathLike, expected_shape_id: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A predictor file's tensors and metadata, checked to be one for this model (None: any model)."""
+def read_sidecar(path: str | os.PathLike, expected_shape_id: str | None, prefix: str = ""
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A predictor file's tensors whose names start with `prefix` (the lookahead heads' HEAD_PREFIX, the reuse
+    heads' reuse.PREFIX, or all), and its metadata, checked to be one for this model (None: any model)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"predictor file {path} does not exist; train one with `activemoe train-predictor`")
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a readable predictor file: {e}") from None
     if meta.get("format") != "activemoe-predictor":
@@ -174,12 +177,11 @@ def read_sidecar(path: str | os.PathLike, expected_shape_id: str | None) -> tupl
 
 
 def load_heads(path: str | os.PathLike, expected_shape_id: str) -> Heads:
-    tensors, _ = read_sidecar(path, expected_shape_id)
+    tensors, _ = read_sidecar(path, expected_shape_id, HEAD_PREFIX)
     heads: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        if key.startswith("head."):  # (reuse.* are the reuse heads: reuse.py)
-            _, src, k, name = key.split(".", 3)
-            heads.setdefault((int(src), int(k)), {})[name] = t.float()
+        _, src, k, name = key.split(".", 3)
+        heads.setdefault((int(src), int(k)), {})[name] = t.float()
     try:
         return {key: Head(**parts) for key, parts in heads.items()}
     except TypeError as e:

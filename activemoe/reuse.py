@@ -27,6 +27,7 @@ from activemoe.ids import ExpertId
 from activemoe.learned import read_sidecar
 from activemoe.trace import Trace
 
+PREFIX = "reuse."  # a reuse head's tensors in the predictor sidecar: reuse.LAYER.NAME
 HORIZON, HALF_LIFE, WIDTH = 3, 8.0, 256  # tokens ahead a reuse counts; the history's half-life in tokens
 
 
@@ -45,7 +46,7 @@ class ReuseHeads:
     horizon: int  # tokens ahead the heads were trained to see a reuse
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"reuse.{layer}.{name}": getattr(head, name) for layer, head in self.heads.items()
+        return {f"{PREFIX}{layer}.{name}": getattr(head, name) for layer, head in self.heads.items()
                 for name in ("mlp_in", "mlp_in_bias", "mlp_out", "bias")}
 
     def meta(self) -> dict[str, str]:
@@ -53,11 +54,11 @@ class ReuseHeads:
 
     @classmethod
     def from_file(cls, path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> ReuseHeads:
+        """From a sidecar's reuse tensors (read_sidecar with PREFIX) and its metadata."""
         parts: dict[int, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
-            if key.startswith("reuse."):
-                _, layer, name = key.split(".", 2)
-                parts.setdefault(int(layer), {})[name] = t.float()
+            _, layer, name = key.split(".", 2)
+            parts.setdefault(int(layer), {})[name] = t.float()
         if not parts:
             raise UserError(f"predictor file {path} has no reuse heads (--policy reuse ranks experts by them): add "
                             f"them with `activemoe train-predictor --reuse-only --trace TRACE --out {path}`")
@@ -210,11 +211,11 @@ def has_reuse_heads(path) -> bool:
     """Whether a predictor file holds reuse heads (reads its header only)."""
     try:
         with safe_open(path, "pt") as f:
-            return any(k.startswith("reuse.") for k in f.keys())
+            return any(k.startswith(PREFIX) for k in f.keys())
     except (SafetensorError, OSError):
         return False
 
 
 def load_reuse_heads(path, expected_shape_id: str) -> ReuseHeads:
-    tensors, meta = read_sidecar(path, expected_shape_id)
+    tensors, meta = read_sidecar(path, expected_shape_id, PREFIX)  # the lookahead heads' tensors stay unread
     return ReuseHeads.from_file(path, tensors, meta)
