@@ -11,6 +11,7 @@ from activemoe import cli_simulate
 from activemoe.config import DTYPES, ROUTING, CacheConfig, EngineConfig, PrefetchConfig, parse_size
 from activemoe.errors import UserError
 from activemoe.families import offloaded_modules, router_parts
+from activemoe.reuse import WIDTH
 
 
 @contextlib.contextmanager
@@ -256,6 +257,9 @@ def _add_predictor_commands(sub) -> None:
                    help="also train reuse heads (what `--policy reuse` evicts by): per MoE layer, which experts it "
                         "routes to again within this many tokens; 0: none (default 3). Best on a trace with decode "
                         "steps (`trace record --new-tokens`)")
+    p.add_argument("--reuse-width", type=int, default=WIDTH,
+                   help=f"width of each reuse head's hidden layer (default {WIDTH}: on the bundled model, 32 to 256 "
+                        f"evicted alike in simulation, and a narrow head costs less per decode step)")
     p.add_argument("--reuse-only", action="store_true",
                    help="train only the reuse heads and add them to the existing --out file, keeping its "
                         "lookahead heads")
@@ -341,13 +345,15 @@ def cmd_train_predictor(args) -> int:
         raise UserError(f"--mlp-width must be integers separated by commas, got {args.mlp_width!r}") from None
     if args.reuse_horizon < 0 or (args.reuse_only and args.reuse_horizon < 1):
         raise UserError("--reuse-horizon must be at least 1 with --reuse-only, and never negative")
+    if args.reuse_width < 1:
+        raise UserError("--reuse-width must be at least 1")
     if args.reuse_only:  # checked before the trace is read
         kept, kept_meta = read_sidecar(args.out, None)
     trace = load_trace(args.trace)
     reuse = None
     if args.reuse_horizon:
         with progress_bar("training reuse heads") as on_progress:
-            reuse = train_reuse_heads(trace, args.reuse_horizon, on_progress=on_progress)
+            reuse = train_reuse_heads(trace, args.reuse_horizon, width=args.reuse_width, on_progress=on_progress)
     if args.reuse_only:
         if kept_meta.get("shape_id") != trace.meta.get("shape_id"):
             raise UserError(f"{args.out} was trained for another model than the trace's")

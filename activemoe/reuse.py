@@ -28,7 +28,7 @@ from activemoe.learned import read_sidecar
 from activemoe.trace import Trace
 
 PREFIX = "reuse."  # a reuse head's tensors in the predictor sidecar: reuse.LAYER.NAME
-HORIZON, HALF_LIFE, WIDTH = 3, 8.0, 256  # tokens ahead a reuse counts; the history's half-life in tokens
+HORIZON, HALF_LIFE, WIDTH = 3, 8.0, 64  # tokens ahead a reuse counts; the history's half-life in tokens
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class ReuseScorer:
 
     def begin(self) -> None:
         self.history: dict[int, np.ndarray] = {}  # layer -> [E] decayed routing counts
-        self.scores: dict[int, np.ndarray] = {}  # layer -> [E] logits of a return within the horizon
+        self.scores: dict[int, list[float]] = {}  # layer -> [E] logits of a return within the horizon
         self.pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (first-layer part [t, M], history)
 
     def score(self, expert: ExpertId) -> float:
@@ -164,7 +164,7 @@ class ReuseScorer:
             with self._lock:
                 self._finish(expert.layer)
         scores = self.scores.get(expert.layer)
-        return -np.inf if scores is None else float(scores[expert.expert])
+        return -np.inf if scores is None else scores[expert.expert]
 
     def idle(self) -> bool:
         """Finish one layer's scores; whether more wait."""
@@ -181,9 +181,18 @@ class ReuseScorer:
             return
         w_hidden, w_routed = weights[:2]
         T = hidden.shape[0]
-        rows = np.asarray(routed, dtype=np.intp).reshape(T, -1)  # [T, K]
         history = self.history.get(layer)
         history = np.zeros(self.num_experts, np.float32) if history is None else history
+        if T == 1 and len(set(routed)) == len(routed):  # a decode step of one sequence (the hot path): the
+            # same arithmetic as below, without the scatter-add and gathers a batch or a prompt needs
+            history = history * self.decay
+            history[routed] += 1.0
+            x = hidden.detach().numpy() if hidden.dtype == torch.float32 and hidden.device.type == "cpu" else \
+                hidden.float().numpy(force=True)  # [1, H]
+            self.history[layer] = history
+            self.pending[layer] = (x @ w_hidden + w_routed[routed].sum(0), history)  # [1, M]
+            return
+        rows = np.asarray(routed, dtype=np.intp).reshape(T, -1)  # [T, K]
         if parallel:
             history = history * self.decay
             np.add.at(history, rows, 1.0 / T)
@@ -204,7 +213,8 @@ class ReuseScorer:
         pre, history = job
         _, _, w_history, b1, w2, b2 = self.weights[layer]
         pre = pre + (history @ w_history + b1)
-        self.scores[layer] = ((pre * (0.5 + 0.5 * np.tanh(pre / 2))) @ w2 + b2).max(0)  # silu, then [E]
+        # silu, then [E]; a list: the evict loop reads one score per resident expert
+        self.scores[layer] = ((pre * (0.5 + 0.5 * np.tanh(pre / 2))) @ w2 + b2).max(0).tolist()
 
 
 def has_reuse_heads(path) -> bool:

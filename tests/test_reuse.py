@@ -147,11 +147,12 @@ def test_train_predictor_reuse_only_adds_heads_and_keeps_the_rest(sidecar, tmp_p
     save_heads(plain, load_heads(out, shape), {"shape_id": shape, "model_type": "qwen3_moe"})
     before = plain.read_bytes()
     assert main(["train-predictor", "--reuse-only", "--trace", str(path), "--out", str(plain),
-                 "--reuse-horizon", "2"]) == 0
+                 "--reuse-horizon", "2", "--reuse-width", "8"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reuse_heads"] == 3
     with safe_open(plain, "pt") as f:
         keys = set(f.keys())
         assert {k for k in keys if k.startswith("reuse.")} and f.metadata()["reuse_horizon"] == "2"
+        assert f.get_slice(next(k for k in keys if k.endswith(".mlp_in"))).get_shape()[0] == 8  # --reuse-width
     for key, head in load_heads(plain, shape).items():  # the lookahead heads are untouched
         torch.testing.assert_close(head.weight, load_heads(out, shape)[key].weight, rtol=0, atol=0)
     assert plain.read_bytes() != before and not list(tmp_path.glob(".*.tmp"))
@@ -159,6 +160,8 @@ def test_train_predictor_reuse_only_adds_heads_and_keeps_the_rest(sidecar, tmp_p
                                "--out", str(tmp_path / "none.safetensors")], "does not exist")
     assert_user_error(capsys, ["train-predictor", "--reuse-only", "--reuse-horizon", "0", "--trace", str(path),
                                "--out", str(plain)], "--reuse-horizon")
+    assert_user_error(capsys, ["train-predictor", "--reuse-only", "--reuse-width", "0", "--trace", str(path),
+                               "--out", str(plain)], "--reuse-width")
     assert_user_error(capsys, ["generate", "--model", str(model_dir), "--prompt-ids", "5", "--policy", "reuse",
                                "--cache-experts", "4"], "does not exist")  # no sidecar in the model directory
 
