@@ -150,8 +150,9 @@ def _check_command(command: str, rows: list[dict], name: str) -> None:
             raise SystemExit(f"{name}: the caption's {flag} {given.group(1)} is not what the result holds")
 
 
-def bench_table(name: str, command: str) -> str:
-    """An `activemoe bench` result (bench.json in a results folder) as a table."""
+def bench_table(name: str, command: str, note: str = "") -> str:
+    """An `activemoe bench` result (bench.json in a results folder) as a table; `note`: what else the run had
+    (e.g. which bundled heads), first in the caption's brackets."""
     r = _load(name)
     _check_command(command, r["rows"], name)
     if r["runs"] != 3:  # not the default
@@ -160,7 +161,7 @@ def bench_table(name: str, command: str) -> str:
     if interleaved:
         command += " --interleave"
     window = r.get("issue_window", 2)  # results without the field ran before the default became 1
-    lines = [f"""`{command}` ({r['device']}, {r['dtype']}, link {r['link']}, cache {r['cache']}, issue window {window}, {r['new_tokens']} new
+    lines = [f"""`{command}` ({note + '; ' if note else ''}{r['device']}, {r['dtype']}, link {r['link']}, cache {r['cache']}, issue window {window}, {r['new_tokens']} new
 tokens, median of {r['runs']}{' interleaved' if interleaved else ''} runs, min-max over them; "vs reactive" compares decode tok/s with `reactive` at the same prompt and batch;
 TTFT floor = the prompt's distinct experts × expert bytes ÷ link; predict % = share of decode wall time spent in the
 predictor and its announcer, measured in place; link % = MB/token × decode tok/s ÷ link speed, the share of the
@@ -303,7 +304,12 @@ def section() -> str:
                       "oracle+belady@3 --prompt-lengths 16,128,256,512 --out bench/results/bench_headline_cpu"),
              optional(bench_table, "bench_reuse_cpu/bench.json",
                       "activemoe bench --model activemoe/assets/tiny-moe --baselines reactive,learned+lfru@3,learned+reuse@3 "
-                      "--prompt-lengths 16,128,256,512 --out bench/results/bench_reuse_cpu"),
+                      "--prompt-lengths 16,128,256,512 --out bench/results/bench_reuse_cpu",
+                      "the reuse heads 256 wide, as bundled at commit b5174d4"),
+             optional(bench_table, "bench_reuse64_cpu/bench.json",
+                      "activemoe bench --model activemoe/assets/tiny-moe --baselines reactive,learned+lfru@3,learned+reuse@3 "
+                      "--prompt-lengths 16,128,256,512 --out bench/results/bench_reuse64_cpu",
+                      "the reuse heads 64 wide, as bundled from commit 8e6c80f"),
              optional(compare), optional(resident), optional(cuda_step, "cuda_chunks_h100.json", "Copy chunks on CUDA"),
              optional(cuda_step, "cuda_grouped_hits_h100.json", "Grouped hits on CUDA"), gpu_suites()]
     intro = (f"All figures below are **measured** on {machines()}, one torch thread (wall clock; load memory as peak "
