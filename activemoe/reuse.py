@@ -184,26 +184,24 @@ class ReuseScorer:
         history = self.history.get(layer)
         history = np.zeros(self.num_experts, np.float32) if history is None else history
         if T == 1 and len(set(routed)) == len(routed):  # a decode step of one sequence (the hot path): the
-            # same arithmetic as below, without the scatter-add and gathers a batch or a prompt needs
+            # same arithmetic as a batch of one, without the scatter-add and gathers a batch or a prompt needs
             history = history * self.decay
             history[routed] += 1.0
-            x = hidden.detach().numpy() if hidden.dtype == torch.float32 and hidden.device.type == "cpu" else \
-                hidden.float().numpy(force=True)  # [1, H]
-            self.history[layer] = history
-            self.pending[layer] = (x @ w_hidden + w_routed[routed].sum(0), history)  # [1, M]
-            return
-        rows = np.asarray(routed, dtype=np.intp).reshape(T, -1)  # [T, K]
-        if parallel:
-            history = history * self.decay
-            np.add.at(history, rows, 1.0 / T)
-            x, part = hidden, w_routed[rows].sum(1)  # [T, H], [T, M]
+            x, part = hidden, w_routed[routed].sum(0)  # [1, H], [M]
         else:
-            steps = self.decay ** np.arange(T - 1, -1, -1, dtype=np.float32)  # [T] the last row weighs 1
-            history = history * self.decay ** T
-            np.add.at(history, rows, steps[:, None])
-            x, part = hidden[-1:], w_routed[rows[-1]].sum(0)  # [1, H], [M]
+            rows = np.asarray(routed, dtype=np.intp).reshape(T, -1)  # [T, K]
+            if parallel:
+                history = history * self.decay
+                np.add.at(history, rows, 1.0 / T)
+                x, part = hidden, w_routed[rows].sum(1)  # [T, H], [T, M]
+            else:
+                steps = self.decay ** np.arange(T - 1, -1, -1, dtype=np.float32)  # [T] the last row weighs 1
+                history = history * self.decay ** T
+                np.add.at(history, rows, steps[:, None])
+                x, part = hidden[-1:], w_routed[rows[-1]].sum(0)  # [1, H], [M]
         self.history[layer] = history
-        self.pending[layer] = (x.float().numpy(force=True) @ w_hidden + part, history)  # [t, M]
+        x = x.detach().numpy() if x.dtype == torch.float32 and x.device.type == "cpu" else x.float().numpy(force=True)
+        self.pending[layer] = (x @ w_hidden + part, history)  # [t, M]
 
     def _finish(self, layer: int) -> None:
         """Under the lock: the rest of the head on a pending first-layer part."""
