@@ -17,12 +17,17 @@ from activemoe.trace import load_trace
 from tests.test_cli import assert_user_error
 
 
-def record_chunks(model_dir, path) -> str:
+def _record(eng, path) -> str:
     """Record four 40-token chunks of random ids (with hidden states) to `path`; returns the shape id."""
+    chunks = [torch.randint(3, 90, (40,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
+    eng.record_trace(chunks, keep_hidden=True).save(path)
+    return eng.shape_id
+
+
+def record_chunks(model_dir, path) -> str:
+    """_record with a tiny engine of the checkpoint."""
     with activemoe.load(model_dir, EngineConfig.tiny(num_slots=24)) as eng:
-        chunks = [torch.randint(3, 90, (40,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
-        eng.record_trace(chunks, keep_hidden=True).save(path)
-        return eng.shape_id
+        return _record(eng, path)
 
 
 @pytest.fixture(scope="module")
@@ -442,9 +447,7 @@ def test_vision_language_checkpoints_record_train_and_predict(checkpoint, family
     model_dir = checkpoint(family, top_k=top_k)
     with activemoe.load(model_dir, EngineConfig.tiny(num_slots=24)) as eng:
         assert eng.top_k == top_k  # the text config's: 1 where only the outer config was read
-        chunks = [torch.randint(3, 90, (40,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
-        eng.record_trace(chunks, keep_hidden=True).save(tmp_path / "t.trace")
-        shape = eng.shape_id
+        shape = _record(eng, tmp_path / "t.trace")
     heads = train_heads(load_trace(tmp_path / "t.trace"), lookahead=2, epochs=2)
     save_heads(tmp_path / "h.safetensors", heads, {"shape_id": shape, "model_type": family})
     cfg = EngineConfig(cache=CacheConfig(num_slots=6, policy="slru"),
