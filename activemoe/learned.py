@@ -50,30 +50,37 @@ HEAD_PREFIX = "head."  # a lookahead head's tensors in the sidecar: head.SOURCE.
 _TENSORS = ("weight", "bias", "context", "mlp_in", "mlp_in_bias", "mlp_out", "mlp_in_context")
 
 
-def pairs(trace: Trace, lookahead: int) -> dict[tuple[int, int], tuple[list[int], list[int], list[int]]]:
-    """(source layer, k) -> (source rows, target rows, context rows) over tokens that reach both layers;
-    a context row is the previous token's row at the target layer, or -1 when there is none. Source
-    TOKENS (when the trace has token embeddings) reads rows of `trace.tokens`, the others of `hidden`."""
+def pairs(trace: Trace, lookahead: int) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(source layer, k) -> (source rows, target rows, context rows) over tokens that reach both layers, in
+    token order; a context row is the previous token's row at the target layer, or -1 when there is none.
+    Source TOKENS (when the trace has token embeddings) reads rows of `trace.tokens`, the others of `hidden`.
+    Vectorised: a whole-split trace has millions of rows, which as Python lists took gigabytes."""
     sources = ([TOKENS] if trace.tokens is not None else []) + trace.layers
-    by_token = trace.by_token()
-    out: dict[tuple[int, int], tuple[list[int], list[int], list[int]]] = {}
-    for token, rows in by_token.items():
-        previous = by_token.get(token - 1, {})
-        rows = {**rows, TOKENS: token}
-        for i, src in enumerate(sources):
-            for k in range(1, lookahead + 1):
-                if i + k < len(sources) and src in rows and (dst := sources[i + k]) in rows:
-                    a, b, c = out.setdefault((src, k), ([], [], []))
-                    a.append(rows[src])
-                    b.append(rows[dst])
-                    c.append(previous.get(dst, -1))
+    token, layer = trace.token.numpy(), trace.layer.numpy()
+    num_tokens = int(token.max()) + 1 if len(token) else 0
+    row_of = np.full((num_tokens, len(sources)), -1, np.int64)  # [T, sources] a token's row per source
+    for column, src in enumerate(sources):
+        if src != TOKENS:
+            at = np.flatnonzero(layer == src)
+            row_of[token[at], column] = at
+    if sources[0] == TOKENS:  # a token with any row reads its own embedding row
+        seen = (row_of[:, 1:] >= 0).any(1)
+        row_of[seen, 0] = np.flatnonzero(seen)
+    previous = np.vstack([np.full((1, len(sources)), -1, np.int64), row_of[:-1]])  # [T, sources]
+    out: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for i, src in enumerate(sources):
+        for k in range(1, lookahead + 1):
+            if i + k < len(sources):
+                both = (row_of[:, i] >= 0) & (row_of[:, i + k] >= 0)
+                if both.any():
+                    out[(src, k)] = (row_of[both, i], row_of[both, i + k], previous[both, i + k])
     return out
 
 
-def context_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """hidden[rows] with zeros where a row is -1 (no previous token). [N, H]"""
-    index = torch.tensor(rows)
-    out = hidden[index.clamp_min(0)].float()
+def context_rows(hidden: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """hidden[rows] (in its dtype) with zeros where a row is -1 (no previous token). [N, H]"""
+    index = torch.from_numpy(rows)
+    out = hidden[index.clamp_min(0)]
     out[index < 0] = 0
     return out
 
@@ -100,10 +107,14 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
     heads: Heads = {}
     jobs = pairs(trace, lookahead)
     for n, ((src, k), (src_rows, dst_rows, ctx_rows)) in enumerate(sorted(jobs.items())):
-        x = (trace.tokens if src == TOKENS else trace.hidden)[src_rows].float()  # [N, H]
+        # [N, D] in the trace's dtype (float16 as recorded), made float32 a batch at a time: a whole-split
+        # trace's inputs in float32 took twice the memory of the trace itself
+        x = trace.hidden.new_empty(len(src_rows), D)  # filled part by part: a concatenation would hold it twice
+        x[:, :H] = (trace.tokens if src == TOKENS else trace.hidden)[torch.from_numpy(src_rows)]
         if context:
-            x = torch.cat([x, context_rows(trace.hidden, ctx_rows)], 1)  # [N, 2H]
-        y = torch.zeros(len(dst_rows), E).scatter_(1, trace.experts[dst_rows].long(), 1.0)  # [N, E] multi-hot
+            x[:, H:] = context_rows(trace.hidden, ctx_rows)
+        target = trace.experts[torch.from_numpy(dst_rows)].long()  # [N, K]
+        y = torch.zeros(len(dst_rows), E).scatter_(1, target, 1.0)  # [N, E] multi-hot
         y = y / y.sum(-1, keepdim=True)
         dst = sources[sources.index(src) + k]
         w, b = (map(torch.Tensor.cpu, pregate_weights(routers, src, dst)) if routers and src != TOKENS
@@ -126,7 +137,7 @@ def train_heads(trace: Trace, lookahead: int, routers: dict[int, RouterParts] | 
         with torch.enable_grad():
             for _ in range(epochs):
                 for batch in torch.randperm(len(x)).split(batch_size):
-                    loss = -(y[batch] * logits(x[batch]).log_softmax(-1)).sum(-1).mean()
+                    loss = -(y[batch] * logits(x[batch].float()).log_softmax(-1)).sum(-1).mean()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()

@@ -164,6 +164,24 @@ def test_token_heads_predict_the_first_layer_from_the_embedding():
     assert score.recall(1, layer=0) == 1.0
 
 
+def test_training_pairs_match_tokens_across_layers():
+    """pairs(): per (source, k), the rows of each token that reaches both layers, in token order, with the
+    previous token's row at the target layer as context (-1 where it has none); the embeddings' row is the
+    token. Token 1 skips layer 1 (rows of a layer a token never reached are absent)."""
+    from activemoe.learned import pairs
+    from activemoe.trace import Trace
+
+    # rows: token 0 at layers 0, 1; token 1 at layer 0 only; token 2 at layers 0, 1 (in recording order)
+    layer, token = [0, 1, 0, 0, 1], [0, 0, 1, 2, 2]
+    meta = {"layers": "[0, 1]", "num_experts": "4", "top_k": "1", "hidden_size": "2", "shape_id": "s"}
+    trace = Trace(torch.tensor(layer, dtype=torch.int32), torch.tensor(token), torch.zeros(5, 1, dtype=torch.int32),
+                  torch.ones(5, 1), torch.zeros(5, 2).half(), meta, torch.zeros(3, 2).half())
+    got = {key: tuple(part.tolist() for part in parts) for key, parts in pairs(trace, lookahead=2).items()}
+    assert got == {(TOKENS, 1): ([0, 1, 2], [0, 2, 3], [-1, 0, 2]),  # token 1's context: token 0 at layer 0
+                   (TOKENS, 2): ([0, 2], [1, 4], [-1, -1]),  # token 2's predecessor never reached layer 1
+                   (0, 1): ([0, 3], [1, 4], [-1, -1])}
+
+
 def test_context_rows_follow_the_sequences():
     """A decode batch reads its own rows' context; after a prefill of B sequences, each sequence's last
     prompt row; with nothing recorded yet (or rows that cannot be matched), none."""
