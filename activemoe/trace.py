@@ -101,38 +101,81 @@ def load_trace(path: str | os.PathLike) -> Trace:
 
 
 class Recorder:
-    """Collects rows as the runtime routes; attach with `runtime.recorder = Recorder(...)`."""
+    """Collects rows as the runtime routes; attach with `runtime.recorder = Recorder(...)`. Hidden states go
+    into large blocks (each its own allocation, which the allocator returns to the system when freed), and
+    `trace()` moves them into the trace block by block: a whole-split recording is held about once, not as
+    a list of small parts plus their concatenation."""
+
+    BLOCK_BYTES = 64 << 20
 
     def __init__(self, first_layer: int, keep_hidden: bool):
         self.first_layer, self.keep_hidden = first_layer, keep_hidden
-        self.rows: list[tuple] = []
+        self.rows: list[tuple] = []  # (layer, token ids [n], top-k index [n, K], top-k weights [n, K])
         self.base = 0  # token index of row 0 of the current forward
         self._width = 0
-        self.embedded: list[torch.Tensor] = []  # [T, H] per forward, with keep_hidden
+        self.hidden, self.embedded = _Blocks(self.BLOCK_BYTES), _Blocks(self.BLOCK_BYTES)  # with keep_hidden
 
     def tokens(self, hidden: torch.Tensor) -> None:
         """A forward's token embeddings [T, H], before its first MoE layer."""
         if self.keep_hidden:
-            self.embedded.append(hidden.detach().half().cpu())
+            self.embedded.append(hidden.detach())
 
     def __call__(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if layer == self.first_layer:
             self.base += self._width
             self._width = hidden.shape[0]
         tokens = torch.arange(self.base, self.base + hidden.shape[0])
-        self.rows.append((layer, tokens, top_k_index.cpu().int(), top_k_weights.detach().float().cpu(),
-                          hidden.detach().half().cpu() if self.keep_hidden else None))
+        self.rows.append((layer, tokens, top_k_index.cpu().int(), top_k_weights.detach().float().cpu()))
+        if self.keep_hidden:
+            self.hidden.append(hidden.detach())
 
     def events(self) -> list[tuple[int, tuple[int, ...]]]:
         """(layer, sorted routed expert ids) per MoE-layer call, in order: what the oracle replays."""
-        return [(layer, tuple(index.unique().tolist())) for layer, _, index, _, _ in self.rows]
+        return [(layer, tuple(index.unique().tolist())) for layer, _, index, _ in self.rows]
 
     def trace(self, meta: dict[str, str]) -> Trace:
+        """The rows as a Trace; the hidden states move into it (the recorder keeps none)."""
         layer = torch.cat([torch.full((t.shape[0],), l, dtype=torch.int32) for l, t, *_ in self.rows])
-        hidden = torch.cat([r[4] for r in self.rows]) if self.keep_hidden else None
         return Trace(layer, torch.cat([r[1] for r in self.rows]), torch.cat([r[2] for r in self.rows]),
-                     torch.cat([r[3] for r in self.rows]), hidden, {**meta, "format": FORMAT, "version": VERSION},
-                     torch.cat(self.embedded) if self.embedded else None)
+                     torch.cat([r[3] for r in self.rows]), self.hidden.take() if self.keep_hidden else None,
+                     {**meta, "format": FORMAT, "version": VERSION}, self.embedded.take() if self.keep_hidden else None)
+
+
+class _Blocks:
+    """Rows [n, H] appended as float16 into blocks of about `block_bytes`; `take()` returns them as one
+    tensor [N, H] (None when empty), freeing each block once copied."""
+
+    def __init__(self, block_bytes: int):
+        self.block_bytes = block_bytes
+        self.blocks: list[torch.Tensor] = []
+        self.used = 0  # rows filled in the last block
+
+    def append(self, rows: torch.Tensor) -> None:
+        rows = rows.reshape(-1, rows.shape[-1])
+        while len(rows):
+            if not self.blocks or self.used == len(self.blocks[-1]):
+                per_row = rows.shape[1] * 2
+                self.blocks.append(torch.empty(max(1, self.block_bytes // per_row), rows.shape[1], dtype=torch.float16))
+                self.used = 0
+            block = self.blocks[-1]
+            n = min(len(rows), len(block) - self.used)
+            block[self.used:self.used + n] = rows[:n]  # cast to float16 (and to the host) on copy
+            self.used += n
+            rows = rows[n:]
+
+    def take(self) -> torch.Tensor | None:
+        if not self.blocks:
+            return None
+        total = sum(len(b) for b in self.blocks[:-1]) + self.used
+        out = torch.empty(total, self.blocks[0].shape[1], dtype=torch.float16)  # [N, H]
+        at = 0
+        while self.blocks:
+            block = self.blocks.pop(0)
+            n = self.used if not self.blocks else len(block)
+            out[at:at + n] = block[:n]
+            at += n
+        self.used = 0
+        return out
 
 
 def split_texts(model_dir: Path, split: str) -> list[str]:

@@ -52,7 +52,7 @@ def test_engine_routes_as_the_trace_says(checkpoint, tmp_path):
         recorder = Recorder(0, keep_hidden=False)
         eng.runtime.recorder = recorder
         eng.generate([5, 6, 7], max_new_tokens=3)
-        routed = [index for layer, _, index, _, _ in recorder.rows if layer == 0]
+        routed = [index for layer, _, index, _ in recorder.rows if layer == 0]
     expected = eng.replay.index[0]  # the mapped trace rows of the first MoE layer
     assert torch.equal(torch.cat(routed)[:5].long(), expected[:5])
 
