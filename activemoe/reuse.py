@@ -94,8 +94,12 @@ def examples(trace: Trace, layer: int, horizon: int, half_life: float) -> tuple[
     valid[:n - horizon] = tokens[horizon:] == tokens[:n - horizon] + horizon
     for d in range(1, horizon + 1):
         target[:n - d] = np.maximum(target[:n - d], onehot[d:])
-    x = torch.cat([trace.hidden[rows].float(), torch.from_numpy(onehot), torch.from_numpy(history)], 1)
-    return x[torch.from_numpy(valid)], torch.from_numpy(target[valid])
+    H = trace.hidden.shape[1]
+    x = torch.empty(int(valid.sum()), H + 2 * E, dtype=torch.float32)  # filled part by part, the valid rows only:
+    x[:, :H] = trace.hidden[rows[torch.from_numpy(valid)]]  # a whole-split trace's rows are gigabytes a copy
+    x[:, H:H + E] = torch.from_numpy(onehot[valid])
+    x[:, H + E:] = torch.from_numpy(history[valid])
+    return x, torch.from_numpy(target[valid])
 
 
 def train_reuse_heads(trace: Trace, horizon: int = HORIZON, half_life: float = HALF_LIFE, width: int = WIDTH,

@@ -137,8 +137,8 @@ class Recorder:
         """The rows as a Trace; the hidden states move into it (the recorder keeps none)."""
         layer = torch.cat([torch.full((t.shape[0],), l, dtype=torch.int32) for l, t, *_ in self.rows])
         return Trace(layer, torch.cat([r[1] for r in self.rows]), torch.cat([r[2] for r in self.rows]),
-                     torch.cat([r[3] for r in self.rows]), self.hidden.take() if self.keep_hidden else None,
-                     {**meta, "format": FORMAT, "version": VERSION}, self.embedded.take() if self.keep_hidden else None)
+                     torch.cat([r[3] for r in self.rows]), self.hidden.take(), {**meta, "format": FORMAT, "version": VERSION},
+                     self.embedded.take())
 
 
 class _Blocks:
